@@ -1,0 +1,1 @@
+"""The `msa` attention backend (`backend.MSAAttnBackend`)."""

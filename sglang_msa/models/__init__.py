@@ -1,0 +1,1 @@
+"""Models: the embedded default model (`embedded`), later the MSA checkpoint class."""

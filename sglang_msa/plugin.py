@@ -1,0 +1,88 @@
+"""Registration of sglang-msa with SGLang (entry point `sglang.srt.plugins: msa`).
+
+SGLang calls `register()` in every process it starts (launcher, scheduler, detokenizer), and
+swallows exceptions raised here, so every step is idempotent and the tests assert the result.
+Heavy modules (the backend itself) are imported lazily inside the factories.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sglang_msa import BACKEND_NAME
+
+logger = logging.getLogger(__name__)
+
+_COMPATIBILITY_TARGET = "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility"
+
+
+def register() -> None:
+    """Make `--attention-backend msa` exist: CLI choice, backend factory, start-up resolution."""
+    _register_backend_choice()
+    _register_backend_factory()
+    _register_resolution_hook()
+
+
+def _register_backend_choice() -> None:
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:  # the helper is list.extend: guard duplicates
+        add_attention_backend_choices([BACKEND_NAME])
+
+
+def _register_backend_factory() -> None:
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    if BACKEND_NAME not in ATTENTION_BACKENDS:
+        ATTENTION_BACKENDS[BACKEND_NAME] = create_msa_backend
+
+
+def create_msa_backend(model_runner):
+    from sglang_msa.attention_backend.backend import MSAAttnBackend
+
+    return MSAAttnBackend(model_runner)
+
+
+_resolution_hook_registered = False
+
+
+def _register_resolution_hook() -> None:
+    """Resolve CUDA graphs off for `msa` (its decode metadata is not graph-capturable yet).
+
+    SGLang disables graphs by itself only for torch_native and flex_attention; for any other
+    name it would try to capture the backend's decode. The hook runs after SGLang's own
+    compatibility pass, in the launcher, before the scheduler starts.
+    """
+    global _resolution_hook_registered
+    if _resolution_hook_registered:  # HookRegistry.register appends without de-duplication
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(_COMPATIBILITY_TARGET, disable_cuda_graphs_for_msa, HookType.AFTER)
+    _resolution_hook_registered = True
+
+
+def disable_cuda_graphs_for_msa(result, server_args, *args, **kwargs):
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolved_view, resolving_view
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
+
+    view = resolved_view(server_args)
+    uses_msa = BACKEND_NAME in {
+        view.attention_backend,
+        getattr(view, "prefill_attention_backend", None),
+        getattr(view, "decode_attention_backend", None),
+    }
+    if not uses_msa:
+        return result
+    logger.warning(
+        "sglang-msa: CUDA graphs are disabled for --attention-backend msa "
+        "(per-request memory metadata is not graph-capturable yet)"
+    )
+    for phase in (Phase.DECODE, Phase.PREFILL):
+        config = resolving_view(server_args).cuda_graph_config
+        declare_resolution(
+            server_args,
+            "sglang_msa.plugin.disable_cuda_graphs_for_msa",
+            cuda_graph_config=with_phase(config, phase, backend=Backend.DISABLED),
+        )
+    return result

@@ -1,0 +1,62 @@
+"""The entry point really registers `msa` (SGLang swallows plugin errors, so assert it here)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+
+
+def test_entry_point_is_declared():
+    entry_points = importlib.metadata.entry_points(group="sglang.srt.plugins")
+    assert "sglang_msa.plugin:register" in {ep.value for ep in entry_points if ep.name == "msa"}
+
+
+def test_load_plugins_registers_msa_idempotently():
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.plugins import load_plugins
+
+    from sglang_msa import plugin
+
+    load_plugins()
+    assert "msa" in ATTENTION_BACKEND_CHOICES
+    assert ATTENTION_BACKENDS["msa"] is plugin.create_msa_backend
+    plugin.register()  # SGLang runs it once per process; a second call must change nothing
+    plugin.register()
+    assert ATTENTION_BACKEND_CHOICES.count("msa") == 1
+
+
+def test_cli_accepts_msa_only_through_the_plugin():
+    """`--attention-backend msa` parses with the plugin loaded (a fresh process, as SGLang runs it)."""
+    code = (
+        "from sglang.srt.plugins import load_plugins; load_plugins();"
+        "import argparse; from sglang.srt.server_args import ServerArgs;"
+        "p = argparse.ArgumentParser(); ServerArgs.add_cli_args(p);"
+        "a = p.parse_args(['--model-path', 'x', '--attention-backend', 'msa']);"
+        "print(a.attention_backend)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "msa"
+
+
+def test_msa_resolves_cuda_graphs_off(tiny_llama):
+    """SGLang keeps decode CUDA graphs on for unknown backends; the plugin turns them off for msa."""
+    code = (
+        "import sys; from sglang.srt.plugins import load_plugins; load_plugins();"
+        "from sglang.srt.server_args import prepare_server_args;"
+        "from sglang.srt.arg_groups.overrides import resolved_view;"
+        "sa = prepare_server_args(['--model-path', sys.argv[1], '--attention-backend', sys.argv[2], '--device', 'cpu']);"
+        "sa.resolve_once(); cfg = resolved_view(sa).cuda_graph_config;"
+        "print(cfg.decode.backend, cfg.prefill.backend)"
+    )
+    outputs = {}
+    for backend in ("msa", "triton"):
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(tiny_llama), backend], capture_output=True, text=True, timeout=180
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs[backend] = result.stdout.strip().splitlines()[-1].split()
+    assert outputs["msa"] == ["disabled", "disabled"]
+    assert outputs["triton"][0] != "disabled"  # the hook touches msa only
