@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from tiny_models import ARCHITECTURES
+from tiny_models import ARCHITECTURES, hf_greedy
 
 pytestmark = pytest.mark.server
 
@@ -28,20 +26,6 @@ def engine_greedy(model_dir: Path, backend: str, input_ids: list[list[int]]) -> 
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def hf_greedy(model_dir: Path, input_ids: list[list[int]]) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    outputs = []
-    for ids in input_ids:
-        generated = model.generate(
-            torch.tensor([ids]), max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS,
-            do_sample=False, pad_token_id=0,
-        )
-        outputs.append(generated[0, len(ids):].tolist())
-    return outputs
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_engine_msa_matches_torch_native_and_hf(tiny_models, arch):
     from transformers import AutoTokenizer
@@ -55,4 +39,4 @@ def test_engine_msa_matches_torch_native_and_hf(tiny_models, arch):
     assert msa["attention_backend"] == "msa"
     assert all(len(ids) == MAX_NEW_TOKENS for ids in msa["output_ids"])
     assert msa["output_ids"] == native["output_ids"]
-    assert msa["output_ids"] == hf_greedy(model_dir, input_ids)
+    assert msa["output_ids"] == hf_greedy(model_dir, input_ids, MAX_NEW_TOKENS)

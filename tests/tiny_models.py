@@ -95,6 +95,22 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def hf_greedy(model_dir: Path, input_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of exactly max_new_tokens tokens from HF transformers (float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outputs = []
+    for ids in input_ids:
+        generated = model.generate(
+            torch.tensor([ids]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=0,
+        )
+        outputs.append(generated[0, len(ids):].tolist())
+    return outputs
+
+
 if __name__ == "__main__":
     import sys
 
