@@ -14,13 +14,15 @@ from sglang_msa import BACKEND_NAME
 logger = logging.getLogger(__name__)
 
 _COMPATIBILITY_TARGET = "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility"
+_ADMISSION_TARGET = "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue"
 
 
 def register() -> None:
-    """Make `--attention-backend msa` exist: CLI choice, backend factory, start-up resolution."""
+    """Make `--attention-backend msa` exist: CLI choice, backend factory, start-up resolution,
+    and admission of MSA requests in the scheduler."""
     _register_backend_choice()
     _register_backend_factory()
-    _register_resolution_hook()
+    _register_hooks()
 
 
 def _register_backend_choice() -> None:
@@ -43,26 +45,43 @@ def create_msa_backend(model_runner):
     return MSAAttnBackend(model_runner)
 
 
-_resolution_hook_registered = False
+_hooks_registered = False
 
 
-def _register_resolution_hook() -> None:
+def _register_hooks() -> None:
+    global _hooks_registered
+    if _hooks_registered:  # HookRegistry.register appends without de-duplication
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(_COMPATIBILITY_TARGET, disable_cuda_graphs_for_msa, HookType.AFTER)
+    HookRegistry.register(_ADMISSION_TARGET, admit_msa_request, HookType.AROUND)
+    _hooks_registered = True
+
+
+def admit_msa_request(original, scheduler, req, *args, **kwargs):
+    """Validate and register a request's `custom_params["msa"]` before it is queued.
+
+    A request that cannot be served (unknown memory, bad span, too long) is finished with an
+    error message instead of reaching the model.
+    """
+    from sglang_msa.memory_manager.service import get_service
+
+    service = get_service()
+    if service is not None and not req.finished():
+        error = service.admit_request(req)
+        if error is not None:
+            req.set_finish_with_abort(f"sglang-msa: {error}")
+    return original(scheduler, req, *args, **kwargs)
+
+
+def disable_cuda_graphs_for_msa(result, server_args, *args, **kwargs):
     """Resolve CUDA graphs off for `msa` (its decode metadata is not graph-capturable yet).
 
     SGLang disables graphs by itself only for torch_native and flex_attention; for any other
     name it would try to capture the backend's decode. The hook runs after SGLang's own
     compatibility pass, in the launcher, before the scheduler starts.
     """
-    global _resolution_hook_registered
-    if _resolution_hook_registered:  # HookRegistry.register appends without de-duplication
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(_COMPATIBILITY_TARGET, disable_cuda_graphs_for_msa, HookType.AFTER)
-    _resolution_hook_registered = True
-
-
-def disable_cuda_graphs_for_msa(result, server_args, *args, **kwargs):
     from sglang.srt.arg_groups.overrides import declare_resolution, resolved_view, resolving_view
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
 

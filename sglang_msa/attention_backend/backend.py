@@ -1,16 +1,100 @@
 """`MSAAttnBackend`: SGLang attention backend behind `--attention-backend msa`.
 
-Requests without a memory get exactly SGLang's dense attention: on every device the dense part
-is SGLang's `TorchNativeAttnBackend` (per-request SDPA over the paged KV pool), so greedy output
-equals `--attention-backend torch_native` token for token. The memory path (routing over a
-memory's pooled router keys, attention over [template ; selected chunks ; local]) builds on this
-class; its math is defined by `sglang_msa.kernels.reference`.
+Every request first gets SGLang's dense attention (`TorchNativeAttnBackend`: per-request SDPA
+over the paged KV pool, which also writes the new K/V), so a batch without MSA requests is
+exactly `--attention-backend torch_native`. Then, in the routed layers only:
+
+- a document ingestion whose prefill completes in this pass has its K (after RoPE), V and router
+  keys read back from the pool and mean-pooled into its memory (`sglang_msa.memory_manager`);
+- a memory query routes once at prefill over its own memory's router keys, freezes the
+  selection, and its tokens after the template are recomputed as attention over
+  [template ; selected documents ; local causal context], merged by log-sum-exp.
+
+This is the pure-torch (CPU) path; it computes the math of `sglang_msa.kernels.reference`.
 """
 
 from __future__ import annotations
 
+import logging
+
+import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+from sglang_msa.attention_backend import memory_ops
+from sglang_msa.attention_backend.plan import BatchPlan, plan_batch
+from sglang_msa.memory_manager.service import ModelFacts, start_service
+
+logger = logging.getLogger(__name__)
 
 
 class MSAAttnBackend(TorchNativeAttnBackend):
-    """Dense attention for requests without memory; the base of the MSA memory path."""
+    def __init__(self, model_runner):
+        super().__init__(model_runner)
+        self.service = start_service(_model_facts(model_runner), model_runner.server_args.port)
+        self.routed_layers = frozenset(self.service.routed_layers)
+        self.last_routed_layer = max(self.service.routed_layers)
+        self.plan: BatchPlan | None = None
+
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        self.plan = plan_batch(forward_batch, self.service.registry)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        return self._apply_memory(out, q, layer)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        return self._apply_memory(out, q.reshape(out.shape[0], -1), layer)
+
+    def _apply_memory(self, out, q, layer):
+        plan = self.plan
+        if plan is None or layer.layer_id not in self.routed_layers:
+            return out
+        key_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        value_buffer = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        req_to_token = self.req_to_token_pool.req_to_token
+        options = self.service.options
+        for request in plan.ingestions:
+            if request.seq_len != request.state.num_tokens:
+                continue  # a chunked prefill that has not reached the document's end yet
+            slots = req_to_token[request.row, : request.seq_len].long()
+            request.state.staged[layer.layer_id] = memory_ops.pool_document(
+                key_buffer[slots], value_buffer[slots], options.chunk_size, keep_full=options.memory_content == "full"
+            )
+            if layer.layer_id == self.last_routed_layer:
+                memory_ops.commit_ingestion(self.service.store, request.state)
+        for request in plan.queries:
+            rows = slice(request.token_start, request.token_start + request.num_new)
+            q_request = q[rows].view(request.num_new, layer.tp_q_head_num, layer.qk_head_dim)
+            state = request.state
+            if layer.layer_id not in state.selections:
+                span_start, span_end = state.routing_span
+                if not (request.prefix_len <= span_start and span_end <= request.seq_len):
+                    logger.error("sglang-msa: request's routing span is not in this pass; it gets no memory")
+                    state.selections[layer.layer_id] = memory_ops.empty_selection(key_buffer)
+                else:
+                    router_q = q_request[span_start - request.prefix_len : span_end - request.prefix_len]
+                    state.selections[layer.layer_id] = memory_ops.route(
+                        self.service.store, state.params.memory_id, layer.layer_id, router_q, options, key_buffer
+                    )
+            slots = req_to_token[request.row, : request.seq_len].long()
+            attended = memory_ops.attend(
+                q_request, key_buffer[slots], value_buffer[slots], state.selections[layer.layer_id],
+                template_tokens=state.params.template_tokens, scale=layer.scaling,
+            )
+            if attended is not None:
+                first_local = attended.shape[0]
+                out_rows = out[rows].view(request.num_new, layer.tp_q_head_num, layer.v_head_dim)
+                out_rows[request.num_new - first_local :] = attended.to(out.dtype)
+        return out
+
+
+def _model_facts(model_runner) -> ModelFacts:
+    config = model_runner.model_config.hf_config
+    chunked = model_runner.server_args.chunked_prefill_size
+    return ModelFacts(
+        num_layers=model_runner.model_config.num_hidden_layers,
+        is_msa_checkpoint=getattr(config, "model_type", None) == "msa",
+        max_prefill_tokens=chunked if chunked and chunked > 0 else None,
+    )

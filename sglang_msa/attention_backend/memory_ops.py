@@ -1,0 +1,104 @@
+"""The per-request memory operations of the pure-torch MSA path, built on the reference math."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sglang_msa.config import MSAOptions
+from sglang_msa.kernels import reference as ref
+from sglang_msa.memory_manager.requests import IngestState, LayerSelection
+from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, MemoryStore, StoredDocument
+
+logger = logging.getLogger(__name__)
+
+
+def pool_document(keys: torch.Tensor, values: torch.Tensor, chunk_size: int, keep_full: bool) -> LayerTensors:
+    """One document's routed-layer tensors from its token K (after RoPE) and V [n, Hkv, d].
+
+    Training-free routing uses the pooled keys themselves as router keys.
+    """
+    n = keys.shape[0]
+    pooled_k = ref.pool_chunks(keys, [n], chunk_size)
+    pooled_v = ref.pool_chunks(values, [n], chunk_size)
+    return LayerTensors(
+        pooled_k=pooled_k, pooled_v=pooled_v, router_k=pooled_k,
+        full_k=keys.clone() if keep_full else None, full_v=values.clone() if keep_full else None,
+    )
+
+
+def commit_ingestion(store: MemoryStore, state: IngestState) -> None:
+    params = state.params
+    first = next(iter(state.staged.values()))
+    doc = StoredDocument(
+        gid=params.gid, num_tokens=state.num_tokens, num_chunks=first.pooled_k.shape[0], layers=dict(state.staged)
+    )
+    state.staged.clear()
+    try:
+        store.commit_document(params.memory_id, doc)
+        state.committed = True
+    except MemoryOperationError as exc:  # memory deleted meanwhile, duplicate id, budget
+        state.error = str(exc)
+        logger.warning("sglang-msa: document %d not stored: %s", params.gid, exc)
+
+
+def empty_selection(like: torch.Tensor) -> LayerSelection:
+    empty = like.new_zeros((0, *like.shape[1:]))
+    return LayerSelection(gids=[], scores=[], memory_k=empty, memory_v=empty)
+
+
+def route(
+    store: MemoryStore, memory_id: str, layer_id: int, router_q: torch.Tensor, options: MSAOptions,
+    like: torch.Tensor,
+) -> LayerSelection:
+    """Score the memory's documents for this request in this layer and keep the top-k.
+
+    `like` ([*, Hkv, d], the layer's KV buffer) gives the shape of an empty selection.
+    """
+    try:
+        view = store.routing_view(memory_id, layer_id)
+    except MemoryOperationError:  # the memory was deleted after the request was admitted
+        return empty_selection(like)
+    if not view.gids:
+        return empty_selection(like)
+    similarity = "dot" if options.similarity == "auto" else options.similarity
+    per_chunk = ref.chunk_scores(router_q, view.router_keys, similarity, options.head_reduce, options.query_reduce)
+    doc_scores = ref.document_scores(per_chunk, view.layout, options.chunk_reduce)
+    chosen = ref.select_top_k(doc_scores, options.top_k_docs).tolist()
+    gids = [view.gids[i] for i in chosen]
+    docs = store.documents(memory_id, gids)
+    if options.memory_content == "full":
+        parts_k = [doc.layers[layer_id].full_k for doc in docs]
+        parts_v = [doc.layers[layer_id].full_v for doc in docs]
+    else:
+        parts_k = [doc.layers[layer_id].pooled_k for doc in docs]
+        parts_v = [doc.layers[layer_id].pooled_v for doc in docs]
+    return LayerSelection(
+        gids=gids, scores=[float(doc_scores[i]) for i in chosen],
+        memory_k=torch.cat(parts_k), memory_v=torch.cat(parts_v),
+    )
+
+
+def attend(
+    q: torch.Tensor, context_k: torch.Tensor, context_v: torch.Tensor, selection: LayerSelection,
+    template_tokens: int, scale: float,
+) -> torch.Tensor | None:
+    """Attention of the request's new tokens that come after the template.
+
+    q: [num_new, H, d], the last num_new tokens of the request's context_k/v [seq_len, Hkv, d].
+    Returns [num_local_new, H, dv] for the last num_local_new rows of q (tokens at index >= T),
+    or None when every new token is a template token (those never see memory).
+    """
+    seq_len = context_k.shape[0]
+    num_local_new = min(q.shape[0], seq_len - template_tokens)
+    if num_local_new <= 0:
+        return None
+    inputs = ref.AttentionInputs(
+        q=q[q.shape[0] - num_local_new :],
+        prefix_k=context_k[:template_tokens], prefix_v=context_v[:template_tokens],
+        memory_k=selection.memory_k, memory_v=selection.memory_v,
+        local_k=context_k[template_tokens:], local_v=context_v[template_tokens:],
+        scale=scale,
+    )
+    return ref.msa_attention_split(inputs)

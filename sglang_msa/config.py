@@ -1,0 +1,87 @@
+"""Plugin options (`MSAOptions`), validated by pydantic.
+
+Where they come from, first match wins:
+1. `--msa-config JSON_OR_PATH` on the `sglang serve` / `launch_server` command line (the plugin
+   adds the flag to SGLang's parser and hands the value to the server's child processes through
+   the environment variable below);
+2. the environment variable `SGLANG_MSA_CONFIG` (a JSON object, or the path of a JSON file);
+3. the defaults here. For checkpoints in the MSA format, the model's own `msa_config` sets the
+   method's values (routed layers, top-k, chunk size, reductions) and these options only add
+   serving limits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+CONFIG_ENV = "SGLANG_MSA_CONFIG"
+
+
+class MSAOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    routed_layers: Literal["upper_half", "all"] | list[int] = Field(
+        "upper_half", description="layers that route over memory: 'upper_half' (default), 'all', or indices"
+    )
+    top_k_docs: int = Field(16, ge=1, le=1024, description="documents selected per routed layer")
+    chunk_size: int = Field(64, ge=1, le=4096, description="tokens per pooled chunk (P)")
+    similarity: Literal["auto", "cosine", "dot"] = Field(
+        "auto", description="routing score; auto = the official engine's choice (dot unless INFONCE)"
+    )
+    head_reduce: Literal["mean", "max"] = "mean"
+    query_reduce: Literal["max", "mean", "last"] = "max"
+    chunk_reduce: Literal["max", "mean"] = "max"
+    memory_content: Literal["full", "pooled"] = Field(
+        "full",
+        description="training-free models: what selected documents contribute to attention — their "
+        "full-resolution KV (what an untrained model can read) or pooled chunks (the method as published)",
+    )
+    position_offset: int | Literal["auto"] = Field(
+        "auto",
+        description="position of the first local token after the template; auto = 3 + top_k for MSA "
+        "checkpoints, the memory's longest document for training-free models",
+    )
+    max_document_tokens: int = Field(4096, ge=1, description="longest document accepted (HTTP 413 beyond)")
+    max_documents_per_request: int = Field(1024, ge=1)
+    memory_budget_mb: float = Field(
+        1024.0, gt=0, description="bytes all memories may hold in the server; ingestion beyond is refused"
+    )
+
+    @field_validator("routed_layers")
+    @classmethod
+    def _layers_unique(cls, value):
+        if isinstance(value, list):
+            if not value or len(set(value)) != len(value) or min(value) < 0:
+                raise ValueError("routed_layers must be distinct non-negative layer indices")
+        return value
+
+    def routed_layer_ids(self, num_layers: int) -> list[int]:
+        if self.routed_layers == "all":
+            return list(range(num_layers))
+        if self.routed_layers == "upper_half":
+            return list(range(num_layers // 2, num_layers))
+        bad = [layer for layer in self.routed_layers if layer >= num_layers]
+        if bad:
+            raise ValueError(f"routed_layers {bad} do not exist in a {num_layers}-layer model")
+        return sorted(self.routed_layers)
+
+
+def parse_options(text: str) -> MSAOptions:
+    """A JSON object, or the path of a file holding one."""
+    text = text.strip()
+    if not text.startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"--msa-config: {text!r} is neither a JSON object nor a file")
+        text = path.read_text()
+    return MSAOptions.model_validate(json.loads(text))
+
+
+def load_options() -> MSAOptions:
+    value = os.environ.get(CONFIG_ENV)
+    return parse_options(value) if value else MSAOptions()

@@ -1,0 +1,134 @@
+"""Per-request MSA state in the scheduler, keyed by request id.
+
+A request takes part in MSA through `sampling_params.custom_params["msa"]` (a JSON object that
+survives SGLang's IPC), validated here when the scheduler receives the request:
+
+- `{"op": "query", "memory_id": ..., "routing_span": [start, end], "template_tokens": T}`: a
+  question over a memory. Routing runs once at prefill in every routed layer; the selection is
+  frozen for decode.
+- `{"op": "ingest", "memory_id": ..., "gid": ...}`: the request's prompt is one document; its
+  routed layers are pooled into the memory when its prefill completes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Literal, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from sglang_msa.memory_manager.store import LayerTensors
+
+CUSTOM_PARAMS_KEY = "msa"
+
+
+class QueryParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["query"] = "query"
+    memory_id: str = Field(min_length=1)
+    routing_span: tuple[int, int] | None = Field(
+        None, description="token indices [start, end) of the routing query; default: every token after the template"
+    )
+    template_tokens: int = Field(0, ge=0, description="leading prompt tokens that precede the memory")
+
+
+class IngestParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["ingest"]
+    memory_id: str = Field(min_length=1)
+    gid: int = Field(ge=0)
+
+
+RequestParams = Annotated[Union[QueryParams, IngestParams], Field(discriminator="op")]
+_params_adapter = TypeAdapter(RequestParams)
+
+
+def parse_request_params(value) -> QueryParams | IngestParams:
+    return _params_adapter.validate_python(value)
+
+
+@dataclass
+class LayerSelection:
+    """What one routed layer selected for one request, frozen for its decode steps."""
+
+    gids: list[int]
+    scores: list[float]
+    memory_k: torch.Tensor  # [M, Hkv, d] the selected documents' chunks (or tokens), back to back
+    memory_v: torch.Tensor
+
+
+@dataclass
+class QueryState:
+    params: QueryParams
+    prompt_len: int
+    position_offset: int
+    routing_span: tuple[int, int]
+    selections: dict[int, LayerSelection] = field(default_factory=dict)
+    last_access: float = field(default_factory=time.monotonic)
+
+    def report(self) -> dict:
+        """Per routed layer: the selected document ids and scores, best first."""
+        return {
+            "layers": {
+                str(layer): {"doc_gids": sel.gids, "scores": [round(s, 6) for s in sel.scores]}
+                for layer, sel in sorted(self.selections.items())
+            },
+            "ranked_gids": ranked_union(self.selections),
+        }
+
+
+@dataclass
+class IngestState:
+    params: IngestParams
+    num_tokens: int
+    staged: dict[int, LayerTensors] = field(default_factory=dict)
+    committed: bool = False
+    error: str | None = None
+    last_access: float = field(default_factory=time.monotonic)
+
+
+def ranked_union(selections: dict[int, LayerSelection]) -> list[int]:
+    """Documents selected by any layer: most layers first, then best average rank, then id."""
+    votes: dict[int, list[int]] = {}
+    for sel in selections.values():
+        for rank, gid in enumerate(sel.gids):
+            votes.setdefault(gid, []).append(rank)
+    return sorted(votes, key=lambda gid: (-len(votes[gid]), sum(votes[gid]) / len(votes[gid]), gid))
+
+
+class RequestRegistry:
+    """rid -> QueryState | IngestState. Entries leave when the server takes the request's report,
+    or after `ttl_s` without access (requests sent straight to /generate have no reader)."""
+
+    def __init__(self, ttl_s: float = 3600.0):
+        self.ttl_s = ttl_s
+        self._states: dict[str, QueryState | IngestState] = {}
+        self._lock = threading.Lock()
+
+    def put(self, rid: str, state: QueryState | IngestState) -> None:
+        with self._lock:
+            self._expire()
+            self._states[rid] = state
+
+    def get(self, rid: str) -> QueryState | IngestState | None:
+        with self._lock:
+            state = self._states.get(rid)
+            if state is not None:
+                state.last_access = time.monotonic()
+            return state
+
+    def pop(self, rid: str) -> QueryState | IngestState | None:
+        with self._lock:
+            return self._states.pop(rid, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._states)
+
+    def _expire(self) -> None:
+        deadline = time.monotonic() - self.ttl_s
+        for rid in [rid for rid, state in self._states.items() if state.last_access < deadline]:
+            del self._states[rid]

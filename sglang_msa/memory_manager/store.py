@@ -1,0 +1,191 @@
+"""Per-memory document tensors kept by the scheduler process.
+
+A memory maps document ids (`gid`, assigned in insertion order by the server's metadata layer)
+to what the routed layers need: pooled K̄, V̄ and router keys per chunk, and in full-resolution
+mode the document's token KV. Adding and deleting a document touches only that document; the
+routing view of a memory (its router keys back to back with their chunk layout) is rebuilt
+lazily once per change, not per query.
+
+Thread safety: the control thread (create/delete) and the scheduler thread (ingest commits,
+reads during forward) share the store under one lock; readers take immutable snapshots.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from sglang_msa.kernels.reference import ChunkLayout, chunk_layout
+
+
+class MemoryOperationError(Exception):
+    """A memory operation that cannot be done; `status` is the HTTP status it maps to."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """One document in one routed layer."""
+
+    pooled_k: torch.Tensor  # [C, Hkv, d]
+    pooled_v: torch.Tensor  # [C, Hkv, d]
+    router_k: torch.Tensor  # [C, Hkv, d]; the same tensor as pooled_k when routing on pooled keys
+    full_k: torch.Tensor | None = None  # [n, Hkv, d] in full-resolution mode
+    full_v: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        tensors = {id(t): t for t in (self.pooled_k, self.pooled_v, self.router_k, self.full_k, self.full_v) if t is not None}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    gid: int
+    num_tokens: int
+    num_chunks: int
+    layers: dict[int, LayerTensors]
+
+    def nbytes(self) -> int:
+        return sum(tensors.nbytes() for tensors in self.layers.values())
+
+
+@dataclass(frozen=True)
+class RoutingView:
+    """A memory's router keys in one layer, back to back, with their chunk layout."""
+
+    gids: list[int]
+    router_keys: torch.Tensor  # [C_total, Hkv, d]
+    layout: ChunkLayout
+
+
+@dataclass
+class Memory:
+    memory_id: str
+    documents: dict[int, StoredDocument] = field(default_factory=dict)
+    version: int = 0
+    _views: dict[int, RoutingView] = field(default_factory=dict)
+    _views_version: int = -1
+
+    def nbytes(self) -> int:
+        return sum(doc.nbytes() for doc in self.documents.values())
+
+    def max_document_tokens(self) -> int:
+        return max((doc.num_tokens for doc in self.documents.values()), default=0)
+
+
+class MemoryStore:
+    def __init__(self, budget_bytes: int, chunk_size: int):
+        self.budget_bytes = budget_bytes
+        self.chunk_size = chunk_size
+        self._memories: dict[str, Memory] = {}
+        self._used_bytes = 0
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ control operations
+    def create(self, memory_id: str) -> bool:
+        """Create an empty memory; False if it already exists."""
+        with self._lock:
+            if memory_id in self._memories:
+                return False
+            self._memories[memory_id] = Memory(memory_id)
+            return True
+
+    def drop(self, memory_id: str) -> bool:
+        with self._lock:
+            memory = self._memories.pop(memory_id, None)
+            if memory is None:
+                return False
+            self._used_bytes -= memory.nbytes()
+            return True
+
+    def remove_document(self, memory_id: str, gid: int) -> bool:
+        with self._lock:
+            memory = self._require(memory_id)
+            doc = memory.documents.pop(gid, None)
+            if doc is None:
+                return False
+            self._used_bytes -= doc.nbytes()
+            memory.version += 1
+            return True
+
+    def commit_document(self, memory_id: str, doc: StoredDocument) -> None:
+        """Make a fully pooled document visible to routing (all routed layers at once)."""
+        with self._lock:
+            memory = self._require(memory_id)
+            if doc.gid in memory.documents:
+                raise MemoryOperationError(f"document {doc.gid} already exists in memory {memory_id!r}", 409)
+            size = doc.nbytes()
+            if self._used_bytes + size > self.budget_bytes:
+                raise MemoryOperationError(
+                    f"memory budget exhausted: {self._used_bytes + size} bytes needed, "
+                    f"memory_budget_mb allows {self.budget_bytes}", 507,
+                )
+            memory.documents[doc.gid] = doc
+            memory.version += 1
+            self._used_bytes += size
+
+    # ------------------------------------------------------------------ reads
+    def exists(self, memory_id: str) -> bool:
+        with self._lock:
+            return memory_id in self._memories
+
+    def has_document(self, memory_id: str, gid: int) -> bool:
+        with self._lock:
+            memory = self._memories.get(memory_id)
+            return memory is not None and gid in memory.documents
+
+    def max_document_tokens(self, memory_id: str) -> int:
+        with self._lock:
+            return self._require(memory_id).max_document_tokens()
+
+    def routing_view(self, memory_id: str, layer_id: int) -> RoutingView:
+        """The memory's router keys in `layer_id`, rebuilt only after the memory changed."""
+        with self._lock:
+            memory = self._require(memory_id)
+            if memory._views_version != memory.version:
+                memory._views, memory._views_version = {}, memory.version
+            view = memory._views.get(layer_id)
+            if view is None:
+                view = _build_view(memory, layer_id, self.chunk_size)
+                memory._views[layer_id] = view
+            return view
+
+    def documents(self, memory_id: str, gids: list[int]) -> list[StoredDocument]:
+        with self._lock:
+            memory = self._require(memory_id)
+            return [memory.documents[gid] for gid in gids]
+
+    def stats(self, memory_id: str) -> dict:
+        with self._lock:
+            memory = self._require(memory_id)
+            return {
+                "documents": len(memory.documents),
+                "tokens": sum(doc.num_tokens for doc in memory.documents.values()),
+                "chunks": sum(doc.num_chunks for doc in memory.documents.values()),
+                "bytes": memory.nbytes(),
+            }
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._used_bytes
+
+    def _require(self, memory_id: str) -> Memory:
+        memory = self._memories.get(memory_id)
+        if memory is None:
+            raise MemoryOperationError(f"memory {memory_id!r} does not exist", 404)
+        return memory
+
+
+def _build_view(memory: Memory, layer_id: int, chunk_size: int) -> RoutingView:
+    gids = list(memory.documents)
+    docs = [memory.documents[gid] for gid in gids]
+    layout = chunk_layout([doc.num_tokens for doc in docs], chunk_size)
+    keys = [doc.layers[layer_id].router_k for doc in docs]
+    router_keys = torch.cat(keys) if keys else torch.zeros(0)
+    return RoutingView(gids=gids, router_keys=router_keys, layout=layout)
