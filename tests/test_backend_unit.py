@@ -11,6 +11,8 @@ import types
 import pytest
 import torch
 
+from sglang_msa.server_process import free_port
+
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 32
 
 
@@ -32,7 +34,12 @@ def make_runner(parts):
         layer_num=1, device="cpu", enable_memory_saver=False,
     )
     r2t = parts.ReqToTokenPool(size=8, max_context_len=256, device="cpu", enable_memory_saver=False)
-    return types.SimpleNamespace(device="cpu", req_to_token_pool=r2t, token_to_kv_pool=kv)
+    return types.SimpleNamespace(
+        device="cpu", req_to_token_pool=r2t, token_to_kv_pool=kv,
+        # a one-layer model: with the default routed_layers="upper_half", layer 0 is routed
+        model_config=types.SimpleNamespace(num_hidden_layers=1, hf_config=types.SimpleNamespace(model_type="llama")),
+        server_args=types.SimpleNamespace(port=free_port(), chunked_prefill_size=None),
+    )
 
 
 def make_backend(parts, name, runner):

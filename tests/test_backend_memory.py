@@ -1,0 +1,193 @@
+"""The msa backend's memory path on real SGLang pools, against the reference math.
+
+Documents are ingested as hand-built prefill batches (their K/V pooled by the backend), then a
+memory query is prefilled and decoded: the backend's routing selection, shifted positions and
+attention outputs must equal `sglang_msa.kernels.reference` on the same tensors.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from sglang_msa.config import MSAOptions
+from sglang_msa.kernels import reference as ref
+from sglang_msa.memory_manager import service as service_module
+from sglang_msa.memory_manager.requests import IngestParams, IngestState, QueryParams, QueryState
+from sglang_msa.server_process import free_port
+
+H, HKV, D = 4, 2, 16
+DOC_LENS = [9, 4, 13, 7, 5]  # chunk_size 4: documents of 1..4 chunks, partial last chunks
+MEMORY = "tenant-a/mem"
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    return types.SimpleNamespace(**locals())
+
+
+class Harness:
+    """A one-layer 'model': an msa backend over real pools, driven batch by batch."""
+
+    def __init__(self, parts, options: MSAOptions):
+        from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+        self.parts = parts
+        kv = parts.MHATokenToKVPool(size=1024, page_size=1, dtype=torch.float32, head_num=HKV, head_dim=D,
+                                    layer_num=1, device="cpu", enable_memory_saver=False)
+        r2t = parts.ReqToTokenPool(size=16, max_context_len=256, device="cpu", enable_memory_saver=False)
+        runner = types.SimpleNamespace(
+            device="cpu", req_to_token_pool=r2t, token_to_kv_pool=kv,
+            model_config=types.SimpleNamespace(num_hidden_layers=1, hf_config=types.SimpleNamespace(model_type="llama")),
+            server_args=types.SimpleNamespace(port=free_port(), chunked_prefill_size=None),
+        )
+        facts = service_module.ModelFacts(num_layers=1, is_msa_checkpoint=False, max_prefill_tokens=None)
+        service_module._service = service_module.MemoryService(options, facts)  # this test's options
+        self.backend = ATTENTION_BACKENDS["msa"](runner)
+        self.service = self.backend.service
+        self.pool, self.r2t = kv, r2t
+        self.layer = parts.RadixAttention(num_heads=H, head_dim=D, scaling=D**-0.5, num_kv_heads=HKV, layer_id=0)
+        self.next_slot, self.next_row = 1, 1
+
+    def new_request(self, length: int):
+        row, slots = self.next_row, torch.arange(self.next_slot, self.next_slot + length)
+        self.r2t.req_to_token[row, :length] = slots.to(torch.int32)
+        self.next_row += 1
+        self.next_slot += length
+        return row, slots
+
+    def extend(self, rid, row, slots, q, k, v):
+        n = k.shape[0]
+        batch = self.parts.ForwardBatch(
+            forward_mode=self.parts.ForwardMode.EXTEND, batch_size=1, input_ids=torch.zeros(n, dtype=torch.long),
+            req_pool_indices=torch.tensor([row]), seq_lens=torch.tensor([n]), out_cache_loc=slots, seq_lens_sum=n,
+            extend_seq_lens=torch.tensor([n]), extend_prefix_lens=torch.tensor([0]),
+            positions=torch.arange(n), rids=[rid],
+        )
+        self.backend.init_forward_metadata(batch)
+        return self.backend.forward(q, k, v, self.layer, batch), batch.positions
+
+    def decode(self, rid, row, slot, seq_len, q, k, v):
+        batch = self.parts.ForwardBatch(
+            forward_mode=self.parts.ForwardMode.DECODE, batch_size=1, input_ids=torch.zeros(1, dtype=torch.long),
+            req_pool_indices=torch.tensor([row]), seq_lens=torch.tensor([seq_len]), out_cache_loc=slot.view(1),
+            seq_lens_sum=seq_len, positions=torch.tensor([seq_len - 1]), rids=[rid],
+        )
+        self.backend.init_forward_metadata(batch)
+        return self.backend.forward(q, k, v, self.layer, batch), batch.positions
+
+
+@pytest.mark.parametrize("memory_content", ["full", "pooled"])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_ingest_route_attend_match_reference(parts, memory_content, similarity):
+    gen = torch.Generator().manual_seed(hash((memory_content, similarity)) % 2**31)
+    options = MSAOptions(top_k_docs=2, chunk_size=4, memory_content=memory_content, similarity=similarity)
+    harness = Harness(parts, options)
+    store = harness.service.store
+    assert store.create(MEMORY)
+
+    # ingest: each document is its own prefill request
+    doc_k, doc_v = [], []
+    for gid, n in enumerate(DOC_LENS):
+        k, v = torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)
+        rid = f"ingest-{gid}"
+        harness.service.registry.put(rid, IngestState(IngestParams(op="ingest", memory_id=MEMORY, gid=gid), num_tokens=n))
+        row, slots = harness.new_request(n)
+        harness.extend(rid, row, slots, torch.randn(n, H * D, generator=gen), k, v)
+        assert harness.service.take_report(rid)["committed"] is True
+        doc_k.append(k)
+        doc_v.append(v)
+    assert store.stats(MEMORY) == {
+        "documents": 5, "tokens": sum(DOC_LENS), "chunks": sum((n + 3) // 4 for n in DOC_LENS),
+        "bytes": store.stats(MEMORY)["bytes"],
+    }
+
+    # query: template of 2 tokens, routing span = tokens 3..6 of a 7-token prompt, then one decode step
+    prompt_len, template, span = 7, 2, (3, 7)
+    rid = "query-1"
+    harness.service.registry.put(rid, QueryState(
+        params=QueryParams(memory_id=MEMORY, routing_span=span, template_tokens=template),
+        prompt_len=prompt_len, routing_span=span, position_offset=40,
+    ))
+    row, slots = harness.new_request(prompt_len + 1)
+    q = torch.randn(prompt_len, H * D, generator=gen)
+    k, v = torch.randn(prompt_len + 1, HKV, D, generator=gen), torch.randn(prompt_len + 1, HKV, D, generator=gen)
+    out, positions = harness.extend(rid, row, slots[:prompt_len], q, k[:prompt_len], v[:prompt_len])
+    assert positions.tolist() == [0, 1, 40, 41, 42, 43, 44]  # template keeps 0..T-1, local starts at the offset
+
+    # the reference selection over pooled router keys (= pooled K in training-free mode)
+    pooled_k = [ref.pool_chunks(x, [x.shape[0]], 4) for x in doc_k]
+    layout = ref.chunk_layout(DOC_LENS, 4)
+    q3 = q.view(prompt_len, H, D)
+    scores = ref.document_scores(ref.chunk_scores(q3[span[0]:span[1]], torch.cat(pooled_k), similarity), layout)
+    expected_gids = ref.select_top_k(scores, 2).tolist()
+    report = harness.service.registry.get(rid).report()
+    assert report["layers"]["0"]["doc_gids"] == expected_gids
+    torch.testing.assert_close(torch.tensor(report["layers"]["0"]["scores"]), scores[expected_gids], atol=1e-5, rtol=0)
+
+    if memory_content == "full":
+        memory_k = torch.cat([doc_k[g] for g in expected_gids])
+        memory_v = torch.cat([doc_v[g] for g in expected_gids])
+    else:
+        memory_k = torch.cat([pooled_k[g] for g in expected_gids])
+        memory_v = torch.cat([ref.pool_chunks(doc_v[g], [DOC_LENS[g]], 4) for g in expected_gids])
+
+    def expected_rows(queries, context_len):
+        return ref.msa_attention(ref.AttentionInputs(
+            q=queries, prefix_k=k[:template], prefix_v=v[:template], memory_k=memory_k, memory_v=memory_v,
+            local_k=k[template:context_len], local_v=v[template:context_len], scale=D**-0.5,
+        )).reshape(queries.shape[0], H * D)
+
+    torch.testing.assert_close(out[template:], expected_rows(q3[template:], prompt_len), rtol=1e-5, atol=1e-5)
+    # template tokens never see memory: plain causal attention among themselves
+    template_only = ref.msa_attention(ref.AttentionInputs(
+        q=q3[:template], prefix_k=k[:0], prefix_v=v[:0], memory_k=k[:0], memory_v=v[:0],
+        local_k=k[:template], local_v=v[:template], scale=D**-0.5,
+    )).reshape(template, H * D)
+    torch.testing.assert_close(out[:template], template_only, rtol=1e-5, atol=1e-5)
+
+    # decode: the frozen selection, the next position
+    q_dec = torch.randn(1, H * D, generator=gen)
+    out_dec, positions = harness.decode(rid, row, slots[prompt_len], prompt_len + 1, q_dec,
+                                        k[prompt_len:prompt_len + 1], v[prompt_len:prompt_len + 1])
+    assert positions.tolist() == [45]
+    torch.testing.assert_close(out_dec, expected_rows(q_dec.view(1, H, D), prompt_len + 1), rtol=1e-5, atol=1e-5)
+
+    # a deleted document is never selected again
+    store.remove_document(MEMORY, expected_gids[0])
+    rid2 = "query-2"
+    harness.service.registry.put(rid2, QueryState(
+        params=QueryParams(memory_id=MEMORY, routing_span=span, template_tokens=template),
+        prompt_len=prompt_len, routing_span=span, position_offset=40,
+    ))
+    row2, slots2 = harness.new_request(prompt_len)
+    harness.extend(rid2, row2, slots2, q, k[:prompt_len], v[:prompt_len])
+    gids_after = harness.service.registry.get(rid2).report()["layers"]["0"]["doc_gids"]
+    assert expected_gids[0] not in gids_after and len(gids_after) == 2
+
+
+def test_query_on_empty_memory_equals_dense(parts):
+    """No documents: the memory part is empty and the output is plain causal attention."""
+    harness = Harness(parts, MSAOptions(top_k_docs=4, chunk_size=4))
+    harness.service.store.create("empty")
+    gen = torch.Generator().manual_seed(5)
+    n = 6
+    rid = "q-empty"
+    harness.service.registry.put(rid, QueryState(params=QueryParams(memory_id="empty"), prompt_len=n,
+                                                 routing_span=(0, n), position_offset=0))
+    row, slots = harness.new_request(n)
+    q, k, v = torch.randn(n, H * D, generator=gen), torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)
+    out, _ = harness.extend(rid, row, slots, q, k, v)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.view(n, H, D).transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True,
+    ).transpose(0, 1).reshape(n, H * D)
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+    assert harness.service.take_report(rid)["layers"]["0"]["doc_gids"] == []
