@@ -7,7 +7,10 @@ Heavy modules (the backend itself) are imported lazily inside the factories.
 
 from __future__ import annotations
 
+import argparse
 import logging
+import multiprocessing
+import os
 
 from sglang_msa import BACKEND_NAME
 
@@ -15,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 _COMPATIBILITY_TARGET = "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility"
 _ADMISSION_TARGET = "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue"
+_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
+_FROM_CLI_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
+_HTTP_LAUNCH_TARGET = "sglang.srt.entrypoints.http_server.launch_server"
 
 
 def register() -> None:
@@ -56,7 +62,40 @@ def _register_hooks() -> None:
 
     HookRegistry.register(_COMPATIBILITY_TARGET, disable_cuda_graphs_for_msa, HookType.AFTER)
     HookRegistry.register(_ADMISSION_TARGET, admit_msa_request, HookType.AROUND)
+    HookRegistry.register(_CLI_ARGS_TARGET, add_msa_cli_args, HookType.AFTER)
+    HookRegistry.register(_FROM_CLI_TARGET, take_msa_cli_args, HookType.BEFORE)
+    if multiprocessing.parent_process() is None:  # the launcher: the only process serving HTTP
+        HookRegistry.register(_HTTP_LAUNCH_TARGET, install_memory_routes, HookType.BEFORE)
     _hooks_registered = True
+
+
+def add_msa_cli_args(result, parser, *args, **kwargs):
+    parser.add_argument(
+        "--msa-config", type=str, default=None,
+        help="sglang-msa options: a JSON object or the path of a JSON file (see sglang_msa/config.py)",
+    )
+    return result
+
+
+def take_msa_cli_args(*args, **kwargs):
+    """Validate `--msa-config` and hand it to the server's processes through the environment."""
+    from sglang_msa.config import CONFIG_ENV, parse_options
+
+    namespace = next((a for a in (*args, *kwargs.values()) if isinstance(a, argparse.Namespace)), None)
+    value = getattr(namespace, "msa_config", None)
+    if value:
+        parse_options(value)  # fail at start-up with pydantic's message, not later in a child
+        os.environ[CONFIG_ENV] = value
+    return None
+
+
+def install_memory_routes(*args, **kwargs):
+    from sglang.srt.entrypoints.http_server import app
+
+    from sglang_msa.server.routes import install
+
+    install(app)
+    return None
 
 
 def admit_msa_request(original, scheduler, req, *args, **kwargs):

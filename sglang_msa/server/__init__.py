@@ -1,0 +1,1 @@
+"""The memory API served on SGLang's own HTTP port: schemas, metadata, prompts, routes."""

@@ -1,0 +1,136 @@
+"""Memory metadata kept by the HTTP server process in SQLite: memories, document ids, texts.
+
+Document tensors live in the scheduler (`sglang_msa.memory_manager.store`); this is the record
+of what was acknowledged: a document row is written only after the scheduler committed its
+tensors. Global document ids (`gid`) are assigned here in insertion order and never reused.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS memories (
+    memory_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    next_gid INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS documents (
+    memory_id TEXT NOT NULL REFERENCES memories(memory_id) ON DELETE CASCADE,
+    gid INTEGER NOT NULL,
+    doc_id TEXT NOT NULL,
+    text TEXT NOT NULL,
+    num_tokens INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (memory_id, gid),
+    UNIQUE (memory_id, doc_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class DocumentRecord:
+    memory_id: str
+    gid: int
+    doc_id: str
+    text: str
+    num_tokens: int
+
+
+class MetadataStore:
+    def __init__(self, path: str | Path = ":memory:"):
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def create_memory(self, memory_id: str) -> bool:
+        with self._lock:
+            try:
+                self._db.execute("INSERT INTO memories (memory_id, created_at) VALUES (?, ?)", (memory_id, time.time()))
+                return True
+            except sqlite3.IntegrityError:
+                return False
+
+    def delete_memory(self, memory_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM memories WHERE memory_id = ?", (memory_id,)).rowcount > 0
+
+    def memory_exists(self, memory_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM memories WHERE memory_id = ?", (memory_id,)).fetchone() is not None
+
+    def list_memories(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT m.memory_id, COUNT(d.gid), COALESCE(SUM(d.num_tokens), 0) FROM memories m "
+                "LEFT JOIN documents d ON d.memory_id = m.memory_id GROUP BY m.memory_id ORDER BY m.memory_id"
+            ).fetchall()
+        return [{"memory_id": m, "documents": n, "tokens": t} for m, n, t in rows]
+
+    def reserve_gids(self, memory_id: str, count: int) -> list[int]:
+        """Assign the next `count` document ids of the memory (insertion order, never reused)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT next_gid FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
+                if row is None:
+                    raise KeyError(memory_id)
+                self._db.execute("UPDATE memories SET next_gid = ? WHERE memory_id = ?", (row[0] + count, memory_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return list(range(row[0], row[0] + count))
+
+    def existing_doc_ids(self, memory_id: str, doc_ids: list[str]) -> list[str]:
+        with self._lock:
+            placeholders = ",".join("?" * len(doc_ids))
+            rows = self._db.execute(
+                f"SELECT doc_id FROM documents WHERE memory_id = ? AND doc_id IN ({placeholders})",
+                (memory_id, *doc_ids),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def add_document(self, record: DocumentRecord) -> bool:
+        """Record an acknowledged document; False if its memory is gone or its doc_id is taken."""
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO documents (memory_id, gid, doc_id, text, num_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (record.memory_id, record.gid, record.doc_id, record.text, record.num_tokens, time.time()),
+                )
+                return True
+            except sqlite3.IntegrityError:
+                return False
+
+    def get_document(self, memory_id: str, doc_id: str) -> DocumentRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT gid, doc_id, text, num_tokens FROM documents WHERE memory_id = ? AND doc_id = ?",
+                (memory_id, doc_id),
+            ).fetchone()
+        return DocumentRecord(memory_id, *row) if row else None
+
+    def documents_by_gid(self, memory_id: str, gids: list[int]) -> dict[int, DocumentRecord]:
+        if not gids:
+            return {}
+        with self._lock:
+            placeholders = ",".join("?" * len(gids))
+            rows = self._db.execute(
+                f"SELECT gid, doc_id, text, num_tokens FROM documents WHERE memory_id = ? AND gid IN ({placeholders})",
+                (memory_id, *gids),
+            ).fetchall()
+        return {row[0]: DocumentRecord(memory_id, *row) for row in rows}
+
+    def delete_document(self, memory_id: str, doc_id: str) -> DocumentRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "DELETE FROM documents WHERE memory_id = ? AND doc_id = ? RETURNING gid, doc_id, text, num_tokens",
+                (memory_id, doc_id),
+            ).fetchone()
+        return DocumentRecord(memory_id, *row) if row else None

@@ -1,0 +1,48 @@
+"""Prompts of memory queries: token ids and the token span of the routing query."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PromptError(ValueError):
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class MemoryPrompt:
+    input_ids: list[int]
+    routing_span: tuple[int, int]  # token indices [start, end)
+
+
+def char_span_to_token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
+    """Tokens whose characters overlap [start, end)."""
+    inside = [i for i, (lo, hi) in enumerate(offsets) if hi > start and lo < end and hi > lo]
+    return (inside[0], inside[-1] + 1) if inside else None
+
+
+def build_prompt(tokenizer, prompt_text: str, routing_text: str, param: str) -> MemoryPrompt:
+    """Tokenize `prompt_text` and find the tokens of its last occurrence of `routing_text`."""
+    start = prompt_text.rfind(routing_text)
+    if start < 0:
+        raise PromptError("the routing text does not occur in the prompt", param)
+    encoded = tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
+    span = char_span_to_token_span(encoded["offset_mapping"], start, start + len(routing_text))
+    if span is None:
+        raise PromptError("the routing text covers no token of the prompt", param)
+    return MemoryPrompt(input_ids=list(encoded["input_ids"]), routing_span=span)
+
+
+def build_chat_prompt(tokenizer, messages: list[dict], routing_text: str | None) -> MemoryPrompt:
+    """Apply the model's chat template; route on `routing_text` or the last user message."""
+    if routing_text is None:
+        user_messages = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
+        if not user_messages:
+            raise PromptError("a memory query needs a non-empty user message", "messages")
+        routing_text, param = user_messages[-1], "messages"
+    else:
+        param = "msa.routing_text"
+    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return build_prompt(tokenizer, prompt_text, routing_text, param)

@@ -1,0 +1,80 @@
+"""Pydantic schemas of the memory API (requests are validated; errors name the field)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MEMORY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$"
+
+
+class CreateMemoryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    memory_id: str = Field(pattern=MEMORY_ID_PATTERN)
+
+
+class DocumentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1)
+    doc_id: str | None = Field(None, pattern=DOC_ID_PATTERN)
+
+
+class AddDocumentsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    documents: list[DocumentIn] = Field(min_length=1)
+
+
+class DocumentOut(BaseModel):
+    doc_id: str
+    gid: int
+    num_tokens: int
+
+
+class AddDocumentsResponse(BaseModel):
+    memory_id: str
+    documents: list[DocumentOut]
+
+
+class MemoryOptions(BaseModel):
+    """Per-request memory options (the `msa` field of chat and generate requests)."""
+
+    model_config = ConfigDict(extra="forbid")
+    routing_text: str | None = Field(
+        None, min_length=1, description="the prompt text whose tokens route (default: the last user message)"
+    )
+    routing_details: bool = Field(False, description="report each routed layer's selected documents and scores")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class MemoryChatRequest(BaseModel):
+    """The OpenAI chat-completions fields the memory endpoint honours (others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = "default"
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+    msa: MemoryOptions = Field(default_factory=MemoryOptions)
+
+
+class MemoryGenerateRequest(BaseModel):
+    """SGLang-native generate over a memory: the prompt is text or token ids."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, min_length=1)
+    input_ids: list[int] | None = Field(None, min_length=1)
+    sampling_params: dict = Field(default_factory=dict)
+    msa: MemoryOptions = Field(default_factory=MemoryOptions)
