@@ -1,0 +1,145 @@
+"""The memory API end to end through HTTP on a tiny model: memories, 200+ documents, queries,
+deletion, isolation between memories, and validation errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import requests
+
+from sglang_msa.server_process import start_server
+
+pytestmark = pytest.mark.server
+
+MSA_CONFIG = {"top_k_docs": 4, "chunk_size": 8, "routed_layers": "all"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    log = tmp_path_factory.mktemp("memory-api") / "server.log"
+    args = ["--max-total-tokens", "16384", "--log-level", "warning", "--msa-config", json.dumps(MSA_CONFIG)]
+    with start_server(tiny_llama, "msa", extra_args=args, log_path=log) as running:
+        yield running.base_url
+
+
+def post(url, payload, expect):
+    response = requests.post(url, json=payload, timeout=300)
+    assert response.status_code == expect, response.text
+    return response.json()
+
+
+def chat(server, memory_id, question, details=False, expect=200):
+    return post(f"{server}/v1/memories/{memory_id}/chat/completions", {
+        "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 6,
+        "msa": {"routing_details": details},
+    }, expect)
+
+
+def test_memory_lifecycle_with_200_documents(server):
+    post(f"{server}/v1/memories", {"memory_id": "library"}, 201)
+    post(f"{server}/v1/memories", {"memory_id": "library"}, 409)
+    docs = [{"text": f"Shelf {i} holds the book number {i * 7919 % 1000} about topic {i % 13}.",
+             "doc_id": f"book-{i}"} for i in range(210)]
+    added = post(f"{server}/v1/memories/library/documents", {"documents": docs}, 201)["documents"]
+    assert [d["gid"] for d in added] == list(range(210))  # ids in insertion order
+    info = requests.get(f"{server}/v1/memories/library", timeout=30).json()
+    assert info["documents"] == 210 and info["tokens"] == sum(d["num_tokens"] for d in added)
+    assert info["chunks"] == sum((d["num_tokens"] + 7) // 8 for d in added) and info["bytes"]["device"] > 0
+    assert requests.get(f"{server}/v1/memories/library/documents/book-5", timeout=30).json()["text"] == docs[5]["text"]
+
+    answer = chat(server, "library", "Which book is on shelf 42?", details=True)
+    layers = answer["msa"]["layers"]
+    assert set(layers) == {"0", "1"}  # routed_layers=all on a 2-layer model
+    assert all(len(layer["doc_gids"]) == 4 for layer in layers.values())
+    assert answer["usage"]["completion_tokens"] == 6
+    chosen = answer["msa"]["retrieved"][0]["doc_id"]
+
+    # delete the top document: it is never selected again
+    requests.delete(f"{server}/v1/memories/library/documents/{chosen}", timeout=30).raise_for_status()
+    assert requests.get(f"{server}/v1/memories/library/documents/{chosen}", timeout=30).status_code == 404
+    again = chat(server, "library", "Which book is on shelf 42?", details=True)
+    assert chosen not in {d["doc_id"] for d in again["msa"]["retrieved"]}
+    deleted_gid = next(d["gid"] for d in added if d["doc_id"] == chosen)
+    assert all(deleted_gid not in layer["doc_gids"] for layer in again["msa"]["layers"].values())
+
+    requests.delete(f"{server}/v1/memories/library", timeout=30).raise_for_status()
+    assert requests.get(f"{server}/v1/memories/library", timeout=30).status_code == 404
+    chat(server, "library", "Which book?", expect=404)
+
+
+def test_memories_are_isolated(server):
+    """Memory A holds 20 documents, B 120 with the same facts but different values: a query on
+    A never reports a document id that only B has, over many random questions."""
+    post(f"{server}/v1/memories", {"memory_id": "tenant-a"}, 201)
+    post(f"{server}/v1/memories", {"memory_id": "tenant-b"}, 201)
+    facts = [f"The password of door {i} is" for i in range(20)]
+    post(f"{server}/v1/memories/tenant-a/documents",
+         {"documents": [{"text": f"{fact} alpha{i}."} for i, fact in enumerate(facts)]}, 201)
+    post(f"{server}/v1/memories/tenant-b/documents",
+         {"documents": [{"text": f"{facts[i % 20]} beta{i}."} for i in range(120)]}, 201)
+    rng = random.Random(0)
+    for _ in range(25):
+        question = f"What is the password of door {rng.randrange(40)}?"
+        gids_a = {gid for layer in chat(server, "tenant-a", question, True)["msa"]["layers"].values()
+                  for gid in layer["doc_gids"]}
+        assert gids_a and max(gids_a) < 20
+        doc_ids_b = {d["doc_id"] for d in chat(server, "tenant-b", question)["msa"]["retrieved"]}
+        assert doc_ids_b and all(0 <= int(doc_id) < 120 for doc_id in doc_ids_b)
+
+
+def test_openai_client_and_streaming(server):
+    import openai
+
+    post(f"{server}/v1/memories", {"memory_id": "notes"}, 201)
+    post(f"{server}/v1/memories/notes/documents", {"documents": [{"text": "The meeting is on Monday."}]}, 201)
+    client = openai.OpenAI(base_url=f"{server}/v1/memories/notes", api_key="unused")
+    completion = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "When is the meeting?"}], max_tokens=5, temperature=0
+    )
+    assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 5
+    assert completion.model_extra["msa"]["retrieved"] == [{"doc_id": "0", "gid": 0}]
+    stream = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "When is the meeting?"}], max_tokens=5,
+        temperature=0, stream=True,
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    assert streamed == completion.choices[0].message.content
+
+
+def test_native_generate_over_memory(server):
+    post(f"{server}/v1/memories", {"memory_id": "native"}, 201)
+    post(f"{server}/v1/memories/native/documents", {"documents": [{"text": "alpha"}, {"text": "beta"}]}, 201)
+    via_route = post(f"{server}/v1/memories/native/generate", {
+        "text": "The grass is green.", "sampling_params": {"max_new_tokens": 4, "temperature": 0},
+    }, 200)
+    assert sorted(d["gid"] for d in via_route["msa"]["retrieved"]) == [0, 1]
+    # SGLang's own /generate takes the memory in custom_params, with the same result
+    native = post(f"{server}/generate", {
+        "text": "The grass is green.",
+        "sampling_params": {"max_new_tokens": 4, "temperature": 0,
+                            "custom_params": {"msa": {"op": "query", "memory_id": "native"}}},
+    }, 200)
+    assert native["output_ids"] == via_route["output_ids"]
+
+
+@pytest.mark.parametrize("path,payload,status,param", [
+    ("/v1/memories", {"memory_id": "../etc"}, 422, "memory_id"),
+    ("/v1/memories", {"memory_id": "x" * 200}, 422, "memory_id"),
+    ("/v1/memories", {}, 422, "memory_id"),
+    ("/v1/memories/validation/documents", {"documents": []}, 422, "documents"),
+    ("/v1/memories/validation/documents", {"documents": [{"text": ""}]}, 422, "documents[0].text"),
+    ("/v1/memories/validation/documents", {"documents": [{"text": "ok", "doc_id": 5}]}, 422, "documents[0].doc_id"),
+    ("/v1/memories/validation/documents", {"documents": [{"text": "word " * 3000}]}, 413, "documents[0].text"),
+    ("/v1/memories/validation/chat/completions", {"messages": "hello"}, 422, "messages"),
+    ("/v1/memories/validation/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+     422, "max_tokens"),
+    ("/v1/memories/missing/documents", {"documents": [{"text": "hi"}]}, 404, "memory_id"),
+])
+def test_bad_input_gets_a_clear_error(server, path, payload, status, param):
+    requests.post(f"{server}/v1/memories", json={"memory_id": "validation"}, timeout=30)
+    response = requests.post(f"{server}{path}", json=payload, timeout=60)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+    assert requests.get(f"{server}/health", timeout=10).status_code == 200  # the server lives on
