@@ -1,25 +1,29 @@
-"""`make demo`: prepare the embedded model, start `sglang serve --attention-backend msa`, ask.
+"""`make demo`: the embedded model behind `sglang serve --attention-backend msa`, a demo memory
+loaded through the memory API, and questions answered with the documents each one retrieved.
 
-Stage of the project: the `msa` backend serves requests without memory exactly like SGLang's
-dense attention. Memories (load documents, route, answer with sources) join this demo as the
-serving core lands; see README.md for the status of each part of the method.
+The embedded model (SmolLM2-135M-Instruct) was not trained for MSA: it runs in training-free
+mode (routing on its own pooled keys, the selected documents read at full resolution), so the
+retrieval it shows is what an untrained 135M model manages, not the method's trained quality.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
+from importlib import resources
 
 import requests
 
 from sglang_msa.models.embedded import prepare_embedded_model
 from sglang_msa.server_process import start_server
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Name three primary colors.",
-]
+DEMO_OPTIONS = {"top_k_docs": 3, "memory_content": "full"}
+
+
+def load_demo_memory() -> dict:
+    return json.loads(resources.files("sglang_msa.data").joinpath("demo_memory.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,26 +33,38 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    demo = load_demo_memory()
     model_path = args.model_path or prepare_embedded_model()
     print(f"model: {model_path}")
     print("starting: sglang serve --attention-backend msa ...", flush=True)
-    with start_server(model_path, "msa", extra_args=["--max-total-tokens", "8192"]) as server:
-        print(f"server healthy in {server.started_in_s:.1f}s at {server.base_url}\n")
-        for question in QUESTIONS:
+    server_args = ["--max-total-tokens", "16384", "--msa-config", json.dumps(DEMO_OPTIONS)]
+    with start_server(model_path, "msa", extra_args=server_args) as server:
+        url = server.base_url
+        print(f"server healthy in {server.started_in_s:.1f}s at {url}\n")
+        requests.post(f"{url}/v1/memories", json={"memory_id": demo["memory_id"]}, timeout=30).raise_for_status()
+        started = time.monotonic()
+        added = requests.post(f"{url}/v1/memories/{demo['memory_id']}/documents",
+                              json={"documents": demo["documents"]}, timeout=600)
+        added.raise_for_status()
+        info = requests.get(f"{url}/v1/memories/{demo['memory_id']}", timeout=30).json()
+        print(f"memory {demo['memory_id']!r}: {info['documents']} documents, {info['tokens']} tokens, "
+              f"{info['bytes']['device']} bytes, ingested in {time.monotonic() - started:.2f}s\n")
+        texts = {doc["doc_id"]: doc["text"] for doc in demo["documents"]}
+        for question in demo["questions"]:
             started = time.monotonic()
             response = requests.post(
-                f"{server.base_url}/v1/chat/completions",
-                json={
-                    "model": "default",
-                    "messages": [{"role": "user", "content": question}],
-                    "temperature": 0,
-                    "max_tokens": args.max_new_tokens,
-                },
-                timeout=120,
+                f"{url}/v1/memories/{demo['memory_id']}/chat/completions",
+                json={"messages": [{"role": "user", "content": question}], "temperature": 0,
+                      "max_tokens": args.max_new_tokens},
+                timeout=300,
             )
             response.raise_for_status()
-            answer = response.json()["choices"][0]["message"]["content"].strip()
-            print(f"Q: {question}\nA: {answer}   ({time.monotonic() - started:.2f}s)\n")
+            reply = response.json()
+            answer = reply["choices"][0]["message"]["content"].strip()
+            print(f"Q: {question}\nA: {answer}   ({time.monotonic() - started:.2f}s)")
+            for rank, doc in enumerate(reply["msa"]["retrieved"][:3], 1):
+                print(f"   retrieved #{rank}: [{doc['doc_id']}] {texts[doc['doc_id']]}")
+            print()
 
 
 if __name__ == "__main__":

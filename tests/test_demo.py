@@ -1,4 +1,5 @@
-"""`make demo`'s program end to end: embedded SmolLM2 converted, msa server started, answers."""
+"""`make demo`'s program end to end: embedded SmolLM2 converted, msa server started, a demo
+memory loaded through the HTTP API, questions answered with their retrieved documents."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import pytest
 pytestmark = pytest.mark.server
 
 
-def test_demo_answers_with_the_embedded_model():
+def test_demo_answers_from_its_memory():
     result = subprocess.run(
         [sys.executable, "-m", "sglang_msa.demo", "--max-new-tokens", "24"],
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "models/smollm2-135m-instruct" in result.stdout
+    assert "memory 'demo': 12 documents" in result.stdout
     answers = [line for line in result.stdout.splitlines() if line.startswith("A: ")]
-    assert len(answers) == 2
-    assert "Paris" in answers[0]  # a real model, a real answer (greedy, deterministic)
+    assert len(answers) == 3
+    assert result.stdout.count("retrieved #1: [") == 3
+    # a real model reading the retrieved document (greedy, deterministic): the soup question
+    assert "paprika" in answers[0]

@@ -1,0 +1,250 @@
+"""The memory API's operations, shared by the HTTP routes and the Python API for Engine users.
+
+Control operations go to the scheduler over ZMQ (`memory_manager.client`); documents and
+queries are ordinary SGLang generate requests carrying `custom_params["msa"]`, so the scheduler
+batches them with everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from fastapi.responses import JSONResponse
+
+from sglang_msa.config import MSAOptions
+from sglang_msa.memory_manager import protocol
+from sglang_msa.memory_manager.client import AsyncControlClient
+from sglang_msa.memory_manager.store import MemoryOperationError
+from sglang_msa.server import schemas
+from sglang_msa.server.metadata import DocumentRecord, MetadataStore
+from sglang_msa.server.prompting import MemoryPrompt, build_chat_prompt, build_prompt
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class APIError(Exception):
+    """A refused memory operation: HTTP status, message, and the request field at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content=self.body())
+
+
+def chat_sampling_params(body: schemas.MemoryChatRequest) -> dict:
+    params = {
+        "max_new_tokens": body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_NEW_TOKENS,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+    }
+    if body.stop is not None:
+        params["stop"] = body.stop
+    if body.seed is not None:
+        params["sampling_seed"] = body.seed
+    return params
+
+
+def finish_reason(meta_info: dict) -> str | None:
+    reason = meta_info.get("finish_reason")
+    if reason is None:
+        return None
+    kind = reason.get("type") if isinstance(reason, dict) else str(reason)
+    return "length" if kind == "length" else "stop"
+
+
+class MemoryAPI:
+    """Memory operations over a running SGLang TokenizerManager (server or Engine process)."""
+
+    def __init__(self, tokenizer_manager, options: MSAOptions):
+        self.tokenizer_manager = tokenizer_manager
+        self.tokenizer = tokenizer_manager.tokenizer
+        self.options = options
+        self.metadata = MetadataStore()
+        self.control = AsyncControlClient(tokenizer_manager.server_args.port)
+
+    async def control_request(self, message) -> dict:
+        try:
+            return await self.control.request(message)
+        except MemoryOperationError as exc:
+            raise APIError(exc.status, str(exc)) from exc
+
+    def require_memory(self, memory_id: str) -> None:
+        if not self.metadata.memory_exists(memory_id):
+            raise APIError(404, f"memory {memory_id!r} does not exist", "memory_id")
+
+    def generate(self, input_ids: list[int], sampling_params: dict, msa: dict, rid: str, stream: bool = False):
+        """SGLang's async generator of outputs for one request carrying custom_params["msa"]."""
+        from sglang.srt.managers.io_struct import GenerateReqInput
+
+        params = dict(sampling_params)
+        params["custom_params"] = {**(params.get("custom_params") or {}), "msa": msa}
+        request = GenerateReqInput(input_ids=input_ids, sampling_params=params, rid=rid, stream=stream)
+        return self.tokenizer_manager.generate_request(request, None)
+
+    async def retrieved(self, memory_id: str, rid: str, details: bool) -> dict:
+        """The finished query's documents: ranked union over layers, and per layer on request."""
+        report = await self.control_request(protocol.TakeReport(rid=rid))
+        records = self.metadata.documents_by_gid(memory_id, report["ranked_gids"])
+        result = {
+            "memory_id": memory_id,
+            "retrieved": [
+                {"doc_id": records[gid].doc_id, "gid": gid} for gid in report["ranked_gids"] if gid in records
+            ],
+        }
+        if details:
+            result["layers"] = report["layers"]
+        return result
+
+    # ------------------------------------------------------------------------------ memories
+    async def create_memory(self, memory_id: str) -> dict:
+        if not self.metadata.create_memory(memory_id):
+            raise APIError(409, f"memory {memory_id!r} already exists", "memory_id")
+        try:
+            await self.control_request(protocol.CreateMemory(memory_id=memory_id))
+        except APIError:
+            self.metadata.delete_memory(memory_id)
+            raise
+        return {"memory_id": memory_id, "created": True}
+
+    def list_memories(self) -> dict:
+        return {"memories": self.metadata.list_memories()}
+
+    async def memory_info(self, memory_id: str) -> dict:
+        self.require_memory(memory_id)
+        stats = await self.control_request(protocol.MemoryStats(memory_id=memory_id))
+        return {
+            "memory_id": memory_id,
+            "documents": stats["documents"],
+            "tokens": stats["tokens"],
+            "chunks": stats["chunks"],
+            "bytes": {"device": stats["bytes"], "host": 0},
+        }
+
+    async def delete_memory(self, memory_id: str) -> dict:
+        self.require_memory(memory_id)
+        await self.control_request(protocol.DropMemory(memory_id=memory_id))
+        self.metadata.delete_memory(memory_id)
+        return {"memory_id": memory_id, "deleted": True}
+
+    # ------------------------------------------------------------------------------ documents
+    async def add_documents(self, memory_id: str, body: schemas.AddDocumentsRequest) -> tuple[int, dict]:
+        """Encode documents into the memory (each one a prefill through SGLang), then record them.
+
+        Returns (status, body): 201 when every document was stored, else the failures' status
+        with the stored ones and the failures listed.
+        """
+        self.require_memory(memory_id)
+        options = self.options
+        if len(body.documents) > options.max_documents_per_request:
+            raise APIError(413, f"{len(body.documents)} documents in one request; the limit is "
+                           f"{options.max_documents_per_request}", "documents")
+        token_ids = []
+        for index, doc in enumerate(body.documents):
+            ids = self.tokenizer(doc.text, add_special_tokens=False).input_ids
+            if not ids:
+                raise APIError(422, "the document has no tokens", f"documents[{index}].text")
+            if len(ids) > options.max_document_tokens:
+                raise APIError(413, f"the document has {len(ids)} tokens; max_document_tokens is "
+                               f"{options.max_document_tokens}", f"documents[{index}].text")
+            token_ids.append(ids)
+        explicit = [doc.doc_id for doc in body.documents if doc.doc_id is not None]
+        if len(set(explicit)) != len(explicit):
+            raise APIError(409, "duplicate doc_id in the request", "documents")
+        gids = self.metadata.reserve_gids(memory_id, len(body.documents))
+        doc_ids = [doc.doc_id or str(gid) for doc, gid in zip(body.documents, gids)]
+        taken = self.metadata.existing_doc_ids(memory_id, doc_ids)
+        if taken or len(set(doc_ids)) != len(doc_ids):
+            raise APIError(409, f"doc_id {(taken or doc_ids)[0]!r} already exists in memory {memory_id!r}",
+                           "documents")
+
+        async def ingest(gid: int, ids: list[int]) -> dict:
+            rid = f"msa-ingest-{uuid.uuid4().hex}"
+            msa = {"op": "ingest", "memory_id": memory_id, "gid": gid}
+            try:
+                await self.generate(ids, {"max_new_tokens": 1, "temperature": 0}, msa, rid).__anext__()
+            except ValueError as exc:  # the scheduler refused the request
+                return {"committed": False, "error": str(exc)}
+            return await self.control_request(protocol.TakeReport(rid=rid))
+
+        reports = await asyncio.gather(*(ingest(gid, ids) for gid, ids in zip(gids, token_ids)))
+        stored, failures = [], []
+        for index, (doc, gid, doc_id, ids, report) in enumerate(zip(body.documents, gids, doc_ids, token_ids, reports)):
+            if report.get("committed"):
+                if self.metadata.add_document(DocumentRecord(memory_id, gid, doc_id, doc.text, len(ids))):
+                    stored.append(schemas.DocumentOut(doc_id=doc_id, gid=gid, num_tokens=len(ids)))
+                    continue
+                await self.control_request(protocol.RemoveDocument(memory_id=memory_id, gid=gid))
+                report = {"error": f"memory {memory_id!r} was deleted or doc_id {doc_id!r} was taken meanwhile"}
+            failures.append({"index": index, "param": f"documents[{index}]", "error": report.get("error")})
+        content = schemas.AddDocumentsResponse(memory_id=memory_id, documents=stored).model_dump()
+        if not failures:
+            return 201, content
+        status = 507 if any("budget" in (f["error"] or "") for f in failures) else 409
+        content["error"] = {"message": f"{len(failures)} of {len(body.documents)} documents were not stored",
+                            "failures": failures, "code": status}
+        return status, content
+
+    def get_document(self, memory_id: str, doc_id: str) -> dict:
+        self.require_memory(memory_id)
+        record = self.metadata.get_document(memory_id, doc_id)
+        if record is None:
+            raise APIError(404, f"document {doc_id!r} does not exist in memory {memory_id!r}", "doc_id")
+        return {"doc_id": record.doc_id, "gid": record.gid, "text": record.text, "num_tokens": record.num_tokens}
+
+    async def delete_document(self, memory_id: str, doc_id: str) -> dict:
+        record = self.get_document(memory_id, doc_id)
+        await self.control_request(protocol.RemoveDocument(memory_id=memory_id, gid=record["gid"]))
+        self.metadata.delete_document(memory_id, doc_id)
+        return {"doc_id": doc_id, "deleted": True}
+
+    # ------------------------------------------------------------------------------ queries
+    def chat_prompt(self, memory_id: str, body: schemas.MemoryChatRequest) -> MemoryPrompt:
+        self.require_memory(memory_id)
+        messages = [message.model_dump(include={"role", "content"}) for message in body.messages]
+        return build_chat_prompt(self.tokenizer, messages, body.msa.routing_text)
+
+    async def chat(self, memory_id: str, body: schemas.MemoryChatRequest, created: int) -> dict:
+        """A non-streaming OpenAI chat completion over the memory."""
+        prompt = self.chat_prompt(memory_id, body)
+        rid = f"msa-chat-{uuid.uuid4().hex}"
+        msa = {"op": "query", "memory_id": memory_id, "routing_span": list(prompt.routing_span)}
+        try:
+            out = await self.generate(prompt.input_ids, chat_sampling_params(body), msa, rid).__anext__()
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+        meta = out["meta_info"]
+        return {
+            "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": body.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                         "finish_reason": finish_reason(meta)}],
+            "usage": {"prompt_tokens": meta["prompt_tokens"], "completion_tokens": meta["completion_tokens"],
+                      "total_tokens": meta["prompt_tokens"] + meta["completion_tokens"]},
+            "msa": await self.retrieved(memory_id, rid, body.msa.routing_details),
+        }
+
+    async def generate_over_memory(self, memory_id: str, body: schemas.MemoryGenerateRequest) -> dict:
+        """SGLang-native generate over the memory; the output adds the retrieved documents."""
+        self.require_memory(memory_id)
+        if (body.text is None) == (body.input_ids is None):
+            raise APIError(422, "give exactly one of text and input_ids", "text")
+        if body.text is not None:
+            prompt = build_prompt(self.tokenizer, body.text, body.msa.routing_text or body.text, "msa.routing_text")
+            input_ids, span = prompt.input_ids, prompt.routing_span
+        else:
+            if body.msa.routing_text is not None:
+                raise APIError(422, "routing_text needs a text prompt", "msa.routing_text")
+            input_ids, span = body.input_ids, (0, len(body.input_ids))
+        rid = f"msa-generate-{uuid.uuid4().hex}"
+        msa = {"op": "query", "memory_id": memory_id, "routing_span": list(span)}
+        try:
+            out = await self.generate(input_ids, body.sampling_params, msa, rid).__anext__()
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+        return {**out, "msa": await self.retrieved(memory_id, rid, body.msa.routing_details)}
