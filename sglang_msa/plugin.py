@@ -28,6 +28,7 @@ def register() -> None:
     and admission of MSA requests in the scheduler."""
     _register_backend_choice()
     _register_backend_factory()
+    _register_model()
     _register_hooks()
 
 
@@ -43,6 +44,20 @@ def _register_backend_factory() -> None:
 
     if BACKEND_NAME not in ATTENTION_BACKENDS:
         ATTENTION_BACKENDS[BACKEND_NAME] = create_msa_backend
+
+
+def _register_model() -> None:
+    """The released MSA checkpoint format: `model_type: "msa"`, `MSAForCausalLM`."""
+    from sglang.srt.models.registry import ModelRegistry
+    from transformers import AutoConfig
+
+    from sglang_msa.models.msa_config import MSA_ARCHITECTURE, MSA_MODEL_TYPE, MSAConfig
+
+    AutoConfig.register(MSA_MODEL_TYPE, MSAConfig, exist_ok=True)
+    if MSA_ARCHITECTURE not in ModelRegistry.models:
+        from sglang_msa.models.msa import MSAForCausalLM
+
+        ModelRegistry.models[MSA_ARCHITECTURE] = MSAForCausalLM
 
 
 def create_msa_backend(model_runner):

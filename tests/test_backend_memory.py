@@ -49,7 +49,7 @@ class Harness:
             model_config=types.SimpleNamespace(num_hidden_layers=1, hf_config=types.SimpleNamespace(model_type="llama")),
             server_args=types.SimpleNamespace(port=free_port(), chunked_prefill_size=None),
         )
-        facts = service_module.ModelFacts(num_layers=1, is_msa_checkpoint=False, max_prefill_tokens=None)
+        facts = service_module.ModelFacts(num_layers=1, msa_config=None, max_prefill_tokens=None)
         service_module._service = service_module.MemoryService(options, facts)  # this test's options
         self.backend = ATTENTION_BACKENDS["msa"](runner)
         self.service = self.backend.service

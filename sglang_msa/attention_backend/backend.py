@@ -39,15 +39,19 @@ class MSAAttnBackend(TorchNativeAttnBackend):
         super().init_forward_metadata(forward_batch)
         self.plan = plan_batch(forward_batch, self.service.registry)
 
-    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, router_q=None, router_k=None,
+                       **kwargs):
         out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        return self._apply_memory(out, q, layer)
+        return self._apply_memory(out, q, layer, router_q, router_k)
 
-    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, router_q=None, router_k=None,
+                       **kwargs):
         out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        return self._apply_memory(out, q.reshape(out.shape[0], -1), layer)
+        return self._apply_memory(out, q.reshape(out.shape[0], -1), layer, router_q, router_k)
 
-    def _apply_memory(self, out, q, layer):
+    def _apply_memory(self, out, q, layer, router_q=None, router_k=None):
+        """router_q [tokens, H·d] / router_k [tokens, Hkv·d]: the MSA router projections of this
+        pass's tokens (MSA checkpoints); None in training-free mode (route on q and pooled K)."""
         plan = self.plan
         if plan is None or layer.layer_id not in self.routed_layers:
             return out
@@ -56,14 +60,22 @@ class MSAAttnBackend(TorchNativeAttnBackend):
         req_to_token = self.req_to_token_pool.req_to_token
         options = self.service.options
         for request in plan.ingestions:
-            if request.seq_len != request.state.num_tokens:
+            state = request.state
+            if router_k is not None:
+                if request.prefix_len == 0:  # a (re)started prefill
+                    state.router_keys[layer.layer_id] = []
+                rows = router_k[request.token_start : request.token_start + request.num_new]
+                state.router_keys[layer.layer_id].append(rows.view(request.num_new, layer.tp_k_head_num, -1))
+            if request.seq_len != state.num_tokens:
                 continue  # a chunked prefill that has not reached the document's end yet
             slots = req_to_token[request.row, : request.seq_len].long()
-            request.state.staged[layer.layer_id] = memory_ops.pool_document(
-                key_buffer[slots], value_buffer[slots], options.chunk_size, keep_full=options.memory_content == "full"
+            state.staged[layer.layer_id] = memory_ops.pool_document(
+                key_buffer[slots], value_buffer[slots], options.chunk_size,
+                keep_full=options.memory_content == "full",
+                router_keys=torch.cat(state.router_keys.pop(layer.layer_id)) if router_k is not None else None,
             )
             if layer.layer_id == self.last_routed_layer:
-                memory_ops.commit_ingestion(self.service.store, request.state)
+                memory_ops.commit_ingestion(self.service.store, state)
         for request in plan.queries:
             rows = slice(request.token_start, request.token_start + request.num_new)
             q_request = q[rows].view(request.num_new, layer.tp_q_head_num, layer.qk_head_dim)
@@ -74,9 +86,13 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                     logger.error("sglang-msa: request's routing span is not in this pass; it gets no memory")
                     state.selections[layer.layer_id] = memory_ops.empty_selection(key_buffer)
                 else:
-                    router_q = q_request[span_start - request.prefix_len : span_end - request.prefix_len]
+                    queries = q_request if router_q is None else router_q[rows].view(
+                        request.num_new, layer.tp_q_head_num, -1
+                    )
+                    router_q_span = queries[span_start - request.prefix_len : span_end - request.prefix_len]
                     state.selections[layer.layer_id] = memory_ops.route(
-                        self.service.store, state.params.memory_id, layer.layer_id, router_q, options, key_buffer
+                        self.service.store, state.params.memory_id, layer.layer_id, router_q_span, options,
+                        key_buffer,
                     )
             slots = req_to_token[request.row, : request.seq_len].long()
             attended = memory_ops.attend(
@@ -95,6 +111,6 @@ def _model_facts(model_runner) -> ModelFacts:
     chunked = model_runner.server_args.chunked_prefill_size
     return ModelFacts(
         num_layers=model_runner.model_config.num_hidden_layers,
-        is_msa_checkpoint=getattr(config, "model_type", None) == "msa",
+        msa_config=getattr(config, "msa_config", None) if getattr(config, "model_type", None) == "msa" else None,
         max_prefill_tokens=chunked if chunked and chunked > 0 else None,
     )

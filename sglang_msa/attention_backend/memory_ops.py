@@ -14,16 +14,21 @@ from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, 
 logger = logging.getLogger(__name__)
 
 
-def pool_document(keys: torch.Tensor, values: torch.Tensor, chunk_size: int, keep_full: bool) -> LayerTensors:
-    """One document's routed-layer tensors from its token K (after RoPE) and V [n, Hkv, d].
+def pool_document(
+    keys: torch.Tensor, values: torch.Tensor, chunk_size: int, keep_full: bool,
+    router_keys: torch.Tensor | None = None,
+) -> LayerTensors:
+    """One document's routed-layer tensors from its token K (after RoPE), V and, for MSA
+    checkpoints, router keys, all [n, Hkv, d].
 
-    Training-free routing uses the pooled keys themselves as router keys.
+    Training-free routing (no router keys) uses the pooled keys themselves as router keys.
     """
     n = keys.shape[0]
     pooled_k = ref.pool_chunks(keys, [n], chunk_size)
     pooled_v = ref.pool_chunks(values, [n], chunk_size)
+    pooled_router_k = pooled_k if router_keys is None else ref.pool_chunks(router_keys, [n], chunk_size)
     return LayerTensors(
-        pooled_k=pooled_k, pooled_v=pooled_v, router_k=pooled_k,
+        pooled_k=pooled_k, pooled_v=pooled_v, router_k=pooled_router_k,
         full_k=keys.clone() if keep_full else None, full_v=values.clone() if keep_full else None,
     )
 

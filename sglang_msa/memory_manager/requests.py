@@ -85,6 +85,8 @@ class IngestState:
     params: IngestParams
     num_tokens: int
     staged: dict[int, LayerTensors] = field(default_factory=dict)
+    # per routed layer, the router keys of the passes so far (chunked prefill; MSA checkpoints)
+    router_keys: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     committed: bool = False
     error: str | None = None
     last_access: float = field(default_factory=time.monotonic)

@@ -26,6 +26,7 @@ from sglang_msa.memory_manager.requests import (
     parse_request_params,
 )
 from sglang_msa.memory_manager.store import MemoryOperationError, MemoryStore
+from sglang_msa.models.msa_config import options_for_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,12 @@ _service: "MemoryService | None" = None
 @dataclass(frozen=True)
 class ModelFacts:
     num_layers: int
-    is_msa_checkpoint: bool
+    msa_config: dict | None  # the checkpoint's msa_config (MSA format); None for training-free models
     max_prefill_tokens: int | None  # a query's prompt must fit one prefill pass
+
+    @property
+    def is_msa_checkpoint(self) -> bool:
+        return self.msa_config is not None
 
 
 def get_service() -> "MemoryService | None":
@@ -52,8 +57,16 @@ def start_service(facts: ModelFacts, port: int, options: MSAOptions | None = Non
     return _service
 
 
+def _bypass_prefix_cache(req) -> None:
+    """Neither reuse nor publish prefix-cache entries for this request."""
+    req.extra_key = f"msa:{req.rid}"
+    req.skip_radix_cache_insert = True
+
+
 class MemoryService:
     def __init__(self, options: MSAOptions, facts: ModelFacts):
+        if facts.is_msa_checkpoint:
+            options = options_for_checkpoint(options, facts.msa_config, facts.num_layers)
         self.options = options
         self.facts = facts
         self.routed_layers = options.routed_layer_ids(facts.num_layers)
@@ -90,6 +103,7 @@ class MemoryService:
         if self.store.has_document(params.memory_id, params.gid):
             return f"document {params.gid} already exists in memory {params.memory_id!r}"
         self.registry.put(req.rid, IngestState(params=params, num_tokens=prompt_len))
+        _bypass_prefix_cache(req)  # every token's router keys must be computed in this request
         return None
 
     def _admit_query(self, req, params: QueryParams, prompt_len: int) -> str | None:
@@ -106,9 +120,7 @@ class MemoryService:
             QueryState(params=params, prompt_len=prompt_len, routing_span=tuple(span),
                        position_offset=self.position_offset(params.memory_id)),
         )
-        # Upper-layer KV depends on the selection: never share prefix-cache entries with others.
-        req.extra_key = f"msa-query:{req.rid}"
-        req.skip_radix_cache_insert = True
+        _bypass_prefix_cache(req)  # upper-layer KV depends on the selection: never share it
         return None
 
     def position_offset(self, memory_id: str) -> int:

@@ -18,7 +18,8 @@ from sglang_msa.memory_manager.client import AsyncControlClient
 from sglang_msa.memory_manager.store import MemoryOperationError
 from sglang_msa.server import schemas
 from sglang_msa.server.metadata import DocumentRecord, MetadataStore
-from sglang_msa.server.prompting import MemoryPrompt, build_chat_prompt, build_prompt
+from sglang_msa.models.msa_config import MSA_MODEL_TYPE, wrap_document
+from sglang_msa.server.prompting import MemoryPrompt, build_chat_prompt, build_msa_chat_prompt, build_prompt
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -68,6 +69,8 @@ class MemoryAPI:
         self.options = options
         self.metadata = MetadataStore()
         self.control = AsyncControlClient(tokenizer_manager.server_args.port)
+        hf_config = tokenizer_manager.model_config.hf_config
+        self.is_msa_checkpoint = getattr(hf_config, "model_type", None) == MSA_MODEL_TYPE
 
     async def control_request(self, message) -> dict:
         try:
@@ -145,19 +148,14 @@ class MemoryAPI:
         if len(body.documents) > options.max_documents_per_request:
             raise APIError(413, f"{len(body.documents)} documents in one request; the limit is "
                            f"{options.max_documents_per_request}", "documents")
-        token_ids = []
-        for index, doc in enumerate(body.documents):
-            ids = self.tokenizer(doc.text, add_special_tokens=False).input_ids
-            if not ids:
-                raise APIError(422, "the document has no tokens", f"documents[{index}].text")
-            if len(ids) > options.max_document_tokens:
-                raise APIError(413, f"the document has {len(ids)} tokens; max_document_tokens is "
-                               f"{options.max_document_tokens}", f"documents[{index}].text")
-            token_ids.append(ids)
         explicit = [doc.doc_id for doc in body.documents if doc.doc_id is not None]
         if len(set(explicit)) != len(explicit):
             raise APIError(409, "duplicate doc_id in the request", "documents")
+        # validate on the ids the documents will most likely get, then take the ids for real
+        next_gid = self.metadata.next_gid(memory_id)
+        self.tokenize_documents(body, range(next_gid, next_gid + len(body.documents)))
         gids = self.metadata.reserve_gids(memory_id, len(body.documents))
+        token_ids = self.tokenize_documents(body, gids)
         doc_ids = [doc.doc_id or str(gid) for doc, gid in zip(body.documents, gids)]
         taken = self.metadata.existing_doc_ids(memory_id, doc_ids)
         if taken or len(set(doc_ids)) != len(doc_ids):
@@ -191,6 +189,20 @@ class MemoryAPI:
                             "failures": failures, "code": status}
         return status, content
 
+    def tokenize_documents(self, body: schemas.AddDocumentsRequest, gids) -> list[list[int]]:
+        """Token ids of each document as the model encodes it (MSA checkpoints: wrapped with its id)."""
+        token_ids = []
+        for index, (doc, gid) in enumerate(zip(body.documents, gids)):
+            text = wrap_document(gid, doc.text) if self.is_msa_checkpoint else doc.text
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            if not ids:
+                raise APIError(422, "the document has no tokens", f"documents[{index}].text")
+            if len(ids) > self.options.max_document_tokens:
+                raise APIError(413, f"the document has {len(ids)} tokens; max_document_tokens is "
+                               f"{self.options.max_document_tokens}", f"documents[{index}].text")
+            token_ids.append(ids)
+        return token_ids
+
     def get_document(self, memory_id: str, doc_id: str) -> dict:
         self.require_memory(memory_id)
         record = self.metadata.get_document(memory_id, doc_id)
@@ -208,15 +220,22 @@ class MemoryAPI:
     def chat_prompt(self, memory_id: str, body: schemas.MemoryChatRequest) -> MemoryPrompt:
         self.require_memory(memory_id)
         messages = [message.model_dump(include={"role", "content"}) for message in body.messages]
-        return build_chat_prompt(self.tokenizer, messages, body.msa.routing_text)
+        build = build_msa_chat_prompt if self.is_msa_checkpoint else build_chat_prompt
+        return build(self.tokenizer, messages, body.msa.routing_text)
+
+    @staticmethod
+    def query_params(memory_id: str, prompt: MemoryPrompt) -> dict:
+        return {"op": "query", "memory_id": memory_id, "routing_span": list(prompt.routing_span),
+                "template_tokens": prompt.template_tokens}
 
     async def chat(self, memory_id: str, body: schemas.MemoryChatRequest, created: int) -> dict:
         """A non-streaming OpenAI chat completion over the memory."""
         prompt = self.chat_prompt(memory_id, body)
         rid = f"msa-chat-{uuid.uuid4().hex}"
-        msa = {"op": "query", "memory_id": memory_id, "routing_span": list(prompt.routing_span)}
         try:
-            out = await self.generate(prompt.input_ids, chat_sampling_params(body), msa, rid).__anext__()
+            out = await self.generate(
+                prompt.input_ids, chat_sampling_params(body), self.query_params(memory_id, prompt), rid
+            ).__anext__()
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         meta = out["meta_info"]
@@ -236,15 +255,15 @@ class MemoryAPI:
             raise APIError(422, "give exactly one of text and input_ids", "text")
         if body.text is not None:
             prompt = build_prompt(self.tokenizer, body.text, body.msa.routing_text or body.text, "msa.routing_text")
-            input_ids, span = prompt.input_ids, prompt.routing_span
         else:
             if body.msa.routing_text is not None:
                 raise APIError(422, "routing_text needs a text prompt", "msa.routing_text")
-            input_ids, span = body.input_ids, (0, len(body.input_ids))
+            prompt = MemoryPrompt(body.input_ids, (0, len(body.input_ids)))
         rid = f"msa-generate-{uuid.uuid4().hex}"
-        msa = {"op": "query", "memory_id": memory_id, "routing_span": list(span)}
         try:
-            out = await self.generate(input_ids, body.sampling_params, msa, rid).__anext__()
+            out = await self.generate(
+                prompt.input_ids, body.sampling_params, self.query_params(memory_id, prompt), rid
+            ).__anext__()
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         return {**out, "msa": await self.retrieved(memory_id, rid, body.msa.routing_details)}

@@ -72,6 +72,13 @@ class MetadataStore:
             ).fetchall()
         return [{"memory_id": m, "documents": n, "tokens": t} for m, n, t in rows]
 
+    def next_gid(self, memory_id: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT next_gid FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
+        if row is None:
+            raise KeyError(memory_id)
+        return row[0]
+
     def reserve_gids(self, memory_id: str, count: int) -> list[int]:
         """Assign the next `count` document ids of the memory (insertion order, never reused)."""
         with self._lock:

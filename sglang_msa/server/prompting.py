@@ -15,6 +15,10 @@ class PromptError(ValueError):
 class MemoryPrompt:
     input_ids: list[int]
     routing_span: tuple[int, int]  # token indices [start, end)
+    template_tokens: int = 0  # leading tokens that precede the memory (MSA checkpoints: the template head)
+
+
+MSA_INSTRUCTION = "\nPlease answer the question based on the above historical document information\n\n"
 
 
 def char_span_to_token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
@@ -46,3 +50,30 @@ def build_chat_prompt(tokenizer, messages: list[dict], routing_text: str | None)
         param = "msa.routing_text"
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return build_prompt(tokenizer, prompt_text, routing_text, param)
+
+
+def build_msa_chat_prompt(tokenizer, messages: list[dict], routing_text: str | None) -> MemoryPrompt:
+    """The prompt an MSA checkpoint was trained on (spec §10, answer without interleave):
+
+        <|im_start|>user\n | [memory] | \nPlease answer ... information\n\n{Q} | <|im_end|>\n<|im_start|>assistant\n
+        template (3 tokens)             routing tokens: instruction + question
+
+    {Q} is the last user message; `routing_text`, when given, must occur in that routing part.
+    """
+    from sglang_msa.models.msa_config import TEMPLATE_HEAD
+
+    questions = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
+    if not questions:
+        raise PromptError("a memory query needs a non-empty user message", "messages")
+    routed_part = MSA_INSTRUCTION + questions[-1]
+    prompt_text = TEMPLATE_HEAD + routed_part + "<|im_end|>\n<|im_start|>assistant\n"
+    template_tokens = len(tokenizer(TEMPLATE_HEAD, add_special_tokens=False).input_ids)
+    if routing_text is not None:
+        if routing_text not in routed_part:
+            raise PromptError("the routing text does not occur in the question", "msa.routing_text")
+        prompt = build_prompt(tokenizer, prompt_text, routing_text, "msa.routing_text")
+    else:
+        prompt = build_prompt(tokenizer, prompt_text, routed_part, "messages")
+    if prompt.routing_span[0] < template_tokens:
+        raise PromptError("the routing text overlaps the template", "msa.routing_text")
+    return MemoryPrompt(prompt.input_ids, prompt.routing_span, template_tokens)

@@ -122,8 +122,9 @@ async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = Mem
         return await api.chat(memory_id, body, created)
     prompt = api.chat_prompt(memory_id, body)
     rid = f"msa-chat-{uuid.uuid4().hex}"
-    msa = {"op": "query", "memory_id": memory_id, "routing_span": list(prompt.routing_span)}
-    outputs = api.generate(prompt.input_ids, chat_sampling_params(body), msa, rid, stream=True)
+    outputs = api.generate(
+        prompt.input_ids, chat_sampling_params(body), api.query_params(memory_id, prompt), rid, stream=True
+    )
     base = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": body.model}
 
     def event(delta: dict, finish=None, **extra) -> bytes:
