@@ -48,14 +48,14 @@ def build_tokenizer(vocab_size: int = 512):
     return wrapped
 
 
-def build_config(arch: str, vocab_size: int, eos_token_id: int):
+def build_config(arch: str, vocab_size: int, eos_token_id: int, num_layers: int = 2):
     import transformers
 
     common = dict(
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
@@ -76,14 +76,14 @@ def build_config(arch: str, vocab_size: int, eos_token_id: int):
     raise ValueError(f"unknown architecture {arch!r}")
 
 
-def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
+def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, num_layers: int = 2) -> Path:
     """Write a tiny random `arch` checkpoint (config, safetensors, tokenizer) to out_dir."""
     import torch
     import transformers
 
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
-    config = build_config(arch, len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    config = build_config(arch, len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"), num_layers)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger than the default init so that greedy decoding is not degenerate

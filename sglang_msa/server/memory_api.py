@@ -82,13 +82,15 @@ class MemoryAPI:
         if not self.metadata.memory_exists(memory_id):
             raise APIError(404, f"memory {memory_id!r} does not exist", "memory_id")
 
-    def generate(self, input_ids: list[int], sampling_params: dict, msa: dict, rid: str, stream: bool = False):
+    def generate(self, input_ids: list[int], sampling_params: dict, msa: dict, rid: str, stream: bool = False,
+                 **request_fields):
         """SGLang's async generator of outputs for one request carrying custom_params["msa"]."""
         from sglang.srt.managers.io_struct import GenerateReqInput
 
         params = dict(sampling_params)
         params["custom_params"] = {**(params.get("custom_params") or {}), "msa": msa}
-        request = GenerateReqInput(input_ids=input_ids, sampling_params=params, rid=rid, stream=stream)
+        request = GenerateReqInput(input_ids=input_ids, sampling_params=params, rid=rid, stream=stream,
+                                   **request_fields)
         return self.tokenizer_manager.generate_request(request, None)
 
     async def retrieved(self, memory_id: str, rid: str, details: bool) -> dict:
@@ -253,16 +255,25 @@ class MemoryAPI:
         self.require_memory(memory_id)
         if (body.text is None) == (body.input_ids is None):
             raise APIError(422, "give exactly one of text and input_ids", "text")
+        options = body.msa
         if body.text is not None:
-            prompt = build_prompt(self.tokenizer, body.text, body.msa.routing_text or body.text, "msa.routing_text")
+            if options.routing_span is not None or options.template_tokens is not None:
+                raise APIError(422, "routing_span and template_tokens need input_ids", "msa.routing_span")
+            prompt = build_prompt(self.tokenizer, body.text, options.routing_text or body.text, "msa.routing_text")
         else:
-            if body.msa.routing_text is not None:
+            if options.routing_text is not None:
                 raise APIError(422, "routing_text needs a text prompt", "msa.routing_text")
-            prompt = MemoryPrompt(body.input_ids, (0, len(body.input_ids)))
+            template = options.template_tokens or 0
+            span = options.routing_span or (template, len(body.input_ids))
+            if not template <= span[0] < span[1] <= len(body.input_ids):
+                raise APIError(422, f"routing_span must lie within [{template}, {len(body.input_ids)})",
+                               "msa.routing_span")
+            prompt = MemoryPrompt(body.input_ids, tuple(span), template)
         rid = f"msa-generate-{uuid.uuid4().hex}"
         try:
             out = await self.generate(
-                prompt.input_ids, body.sampling_params, self.query_params(memory_id, prompt), rid
+                prompt.input_ids, body.sampling_params, self.query_params(memory_id, prompt), rid,
+                return_logprob=body.return_logprob, top_logprobs_num=body.top_logprobs_num,
             ).__anext__()
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc

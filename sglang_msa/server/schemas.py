@@ -45,6 +45,12 @@ class MemoryOptions(BaseModel):
         None, min_length=1, description="the prompt text whose tokens route (default: the last user message)"
     )
     routing_details: bool = Field(False, description="report each routed layer's selected documents and scores")
+    routing_span: tuple[int, int] | None = Field(
+        None, description="with input_ids: token indices [start, end) that route (default: all after the template)"
+    )
+    template_tokens: int | None = Field(
+        None, ge=0, description="with input_ids: leading tokens that precede the memory (MSA template head)"
+    )
 
 
 class ChatMessage(BaseModel):
@@ -77,4 +83,7 @@ class MemoryGenerateRequest(BaseModel):
     text: str | None = Field(None, min_length=1)
     input_ids: list[int] | None = Field(None, min_length=1)
     sampling_params: dict = Field(default_factory=dict)
+    return_logprob: bool = False
+    top_logprobs_num: int = Field(0, ge=0, le=64)
+    stream: Literal[False] = False
     msa: MemoryOptions = Field(default_factory=MemoryOptions)

@@ -1,0 +1,104 @@
+"""A tiny MSA-format checkpoint served through HTTP equals the spec's forward, computed
+independently (tests/msa_checkpoints.py, float64): per routed layer the selected documents,
+the next-token log-probabilities, and the greedy tokens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import requests
+import torch
+from transformers import AutoTokenizer
+
+from msa_checkpoints import ReferenceMSAModel, build_tiny_msa_checkpoint
+from sglang_msa.models.msa_config import wrap_document
+from sglang_msa.server.prompting import build_msa_chat_prompt
+from sglang_msa.server_process import start_server
+
+pytestmark = pytest.mark.server
+
+DOCUMENTS = [  # 7 documents > top_k 2; lengths spanning several 4-token chunks, partial last chunks
+    "The grass is green.",
+    "One of the special magic numbers for quiet-river is: 7321904.",
+    "The sky is blue. The sun is yellow. Here we go.",
+    "Memory sparse attention routes each query to the most relevant documents.",
+    "The capital of France is Paris.",
+    "There and back again.",
+    "0123456789 abcdefghijklmnopqrstuvwxyz",
+]
+QUESTIONS = ["What is the special magic number for quiet-river?", "Which city is the capital of France?",
+             "What colour is the sky?"]
+MAX_NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module", params=["INFONCE_DECOUPLE", "INFONCE"], ids=["dot", "cosine"])
+def served_checkpoint(request, tmp_path_factory):
+    model_dir = build_tiny_msa_checkpoint(tmp_path_factory.mktemp(f"msa-{request.param}"), request.param)
+    log = tmp_path_factory.mktemp("logs") / f"msa-{request.param}.log"
+    with start_server(model_dir, "msa", extra_args=["--max-total-tokens", "8192", "--dtype", "float32"], log_path=log) as server:
+        url = server.base_url
+        requests.post(f"{url}/v1/memories", json={"memory_id": "parity"}, timeout=30).raise_for_status()
+        added = requests.post(f"{url}/v1/memories/parity/documents",
+                              json={"documents": [{"text": t} for t in DOCUMENTS]}, timeout=120)
+        assert added.status_code == 201, added.text
+        yield model_dir, url
+
+
+def test_server_equals_reference_forward(served_checkpoint):
+    model_dir, url = served_checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reference = ReferenceMSAModel(model_dir)
+    assert reference.options.similarity == ("cosine" if reference.config["msa_config"]["aux_loss_method"] == "INFONCE"
+                                            else "dot")
+    memory = []
+    for gid, text in enumerate(DOCUMENTS):
+        ids = tokenizer(wrap_document(gid, text), add_special_tokens=False).input_ids
+        memory.append({"num_tokens": len(ids), "layers": reference.encode_document(ids)})
+    assert sum(doc["num_tokens"] > 4 for doc in memory) == len(DOCUMENTS)  # every document spans chunks
+
+    for question in QUESTIONS:
+        prompt = build_msa_chat_prompt(tokenizer, [{"role": "user", "content": question}], None)
+        assert prompt.template_tokens == len(tokenizer("<|im_start|>user\n", add_special_tokens=False).input_ids)
+        response = requests.post(f"{url}/v1/memories/parity/generate", json={
+            "input_ids": prompt.input_ids,
+            "sampling_params": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0, "ignore_eos": True},
+            "return_logprob": True, "top_logprobs_num": 5,
+            "msa": {"routing_span": list(prompt.routing_span), "template_tokens": prompt.template_tokens,
+                    "routing_details": True},
+        }, timeout=120)
+        assert response.status_code == 200, response.text
+        served = response.json()
+
+        logits, selections = reference.query(prompt.input_ids, memory, prompt.template_tokens, prompt.routing_span)
+        served_layers = {int(layer): sel["doc_gids"] for layer, sel in served["msa"]["layers"].items()}
+        assert served_layers == selections, question
+        assert all(len(gids) == 2 for gids in served_layers.values())
+
+        logprobs = torch.log_softmax(logits[-1], -1)
+        first_top = served["meta_info"]["output_top_logprobs"][0]
+        for served_logprob, token_id, _ in first_top:
+            assert math.isclose(served_logprob, float(logprobs[token_id]), abs_tol=1e-4), question
+        assert [token_id for _, token_id, _ in first_top] == logprobs.topk(5).indices.tolist()
+        assert served["output_ids"] == reference.greedy(
+            prompt.input_ids, memory, prompt.template_tokens, prompt.routing_span, MAX_NEW_TOKENS
+        ), question
+
+
+def test_chat_endpoint_uses_the_msa_prompt(served_checkpoint):
+    model_dir, url = served_checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reference = ReferenceMSAModel(model_dir)
+    memory = []
+    for gid, text in enumerate(DOCUMENTS):
+        ids = tokenizer(wrap_document(gid, text), add_special_tokens=False).input_ids
+        memory.append({"num_tokens": len(ids), "layers": reference.encode_document(ids)})
+    question = QUESTIONS[0]
+    reply = requests.post(f"{url}/v1/memories/parity/chat/completions", json={
+        "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 4,
+        "msa": {"routing_details": True},
+    }, timeout=120).json()
+    prompt = build_msa_chat_prompt(tokenizer, [{"role": "user", "content": question}], None)
+    _, selections = reference.query(prompt.input_ids, memory, prompt.template_tokens, prompt.routing_span)
+    assert {int(k): v["doc_gids"] for k, v in reply["msa"]["layers"].items()} == selections
+    assert reply["usage"]["prompt_tokens"] == len(prompt.input_ids)
