@@ -143,3 +143,91 @@ def test_bad_input_gets_a_clear_error(server, path, payload, status, param):
     assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == param
     assert requests.get(f"{server}/health", timeout=10).status_code == 200  # the server lives on
+
+
+def generate_plain(server, text):
+    return post(f"{server}/generate", {"text": text, "sampling_params": {"max_new_tokens": 6, "temperature": 0,
+                                                                        "ignore_eos": True}}, 200)
+
+
+def generate_on(server, memory_id, text):
+    return post(f"{server}/v1/memories/{memory_id}/generate", {
+        "text": text, "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
+        "msa": {"routing_details": True},
+    }, 200)
+
+
+def test_prefix_cache_is_never_shared_with_memory_requests(server):
+    """A prompt's KV computed under a memory selection is never reused, and vice versa."""
+    post(f"{server}/v1/memories", {"memory_id": "cache-a"}, 201)
+    post(f"{server}/v1/memories", {"memory_id": "cache-b"}, 201)
+    post(f"{server}/v1/memories/cache-a/documents", {"documents": [{"text": "The sky is blue."}]}, 201)
+    post(f"{server}/v1/memories/cache-b/documents",
+         {"documents": [{"text": "0123456789 abcdefghijklmnopqrstuvwxyz " * 3}]}, 201)
+    prompt = "Here we go. There and back again. The grass is green."
+    dense_first = generate_plain(server, prompt)
+    on_a = generate_on(server, "cache-a", prompt)
+    on_a_again = generate_on(server, "cache-a", prompt)
+    on_b = generate_on(server, "cache-b", prompt)
+    dense_again = generate_plain(server, prompt)
+    for out in (on_a, on_a_again, on_b):
+        assert out["meta_info"]["cached_tokens"] == 0
+    assert on_a_again["output_ids"] == on_a["output_ids"]
+    assert dense_again["output_ids"] == dense_first["output_ids"]
+    assert dense_again["meta_info"]["cached_tokens"] > 0  # dense requests still share the cache
+
+
+def test_mixed_batches_equal_requests_alone(server):
+    """Dense requests and queries on two memories, sent together, batch in the scheduler and
+    give exactly what each gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for memory_id, word in (("mix-a", "alpha"), ("mix-b", "beta")):
+        post(f"{server}/v1/memories", {"memory_id": memory_id}, 201)
+        post(f"{server}/v1/memories/{memory_id}/documents",
+             {"documents": [{"text": f"Fact {i}: the {word} code is {i * 37}."} for i in range(12)]}, 201)
+    prompts = [f"What is code {i}? The grass is green." for i in range(6)]
+    jobs = [(None, p) for p in prompts] + [("mix-a", p) for p in prompts] + [("mix-b", p) for p in prompts]
+
+    def run(job):
+        memory_id, prompt = job
+        out = generate_plain(server, prompt) if memory_id is None else generate_on(server, memory_id, prompt)
+        return out["output_ids"], out.get("msa", {}).get("layers")
+
+    alone = [run(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        together = list(pool.map(run, jobs))
+    assert together == alone
+
+
+def test_live_ingestion_and_deletion_while_querying(server):
+    """Documents are added and deleted while queries run; every acknowledged document is listed
+    once and deleted ones are never selected afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    post(f"{server}/v1/memories", {"memory_id": "live"}, 201)
+    post(f"{server}/v1/memories/live/documents", {"documents": [{"text": f"seed {i}", "doc_id": f"seed-{i}"}
+                                                                for i in range(8)]}, 201)
+
+    def ingest(batch):
+        docs = [{"text": f"batch {batch} document {i} says {batch * 10 + i}.", "doc_id": f"b{batch}-{i}"}
+                for i in range(10)]
+        return post(f"{server}/v1/memories/live/documents", {"documents": docs}, 201)["documents"]
+
+    def query(i):
+        return chat(server, "live", f"What does document {i} say?", details=True)["msa"]["retrieved"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ingests = [pool.submit(ingest, b) for b in range(4)]
+        queries = [pool.submit(query, i) for i in range(12)]
+        deletes = [pool.submit(requests.delete, f"{server}/v1/memories/live/documents/seed-{i}", timeout=60)
+                   for i in range(4)]
+        added = [doc for future in ingests for doc in future.result()]
+        assert all(future.result() for future in queries)
+        assert all(future.result().status_code == 200 for future in deletes)
+    assert len({doc["gid"] for doc in added}) == 40
+    info = requests.get(f"{server}/v1/memories/live", timeout=30).json()
+    assert info["documents"] == 8 + 40 - 4
+    for i in range(10):
+        retrieved = {d["doc_id"] for d in chat(server, "live", f"seed {i}", details=True)["msa"]["retrieved"]}
+        assert not retrieved & {f"seed-{j}" for j in range(4)}
