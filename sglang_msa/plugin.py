@@ -75,7 +75,7 @@ def _register_hooks() -> None:
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register(_COMPATIBILITY_TARGET, disable_cuda_graphs_for_msa, HookType.AFTER)
+    HookRegistry.register(_COMPATIBILITY_TARGET, configure_msa_resolution, HookType.AFTER)
     HookRegistry.register(_ADMISSION_TARGET, admit_msa_request, HookType.AROUND)
     HookRegistry.register(_CLI_ARGS_TARGET, add_msa_cli_args, HookType.AFTER)
     HookRegistry.register(_FROM_CLI_TARGET, take_msa_cli_args, HookType.BEFORE)
@@ -129,12 +129,25 @@ def admit_msa_request(original, scheduler, req, *args, **kwargs):
     return original(scheduler, req, *args, **kwargs)
 
 
-def disable_cuda_graphs_for_msa(result, server_args, *args, **kwargs):
-    """Resolve CUDA graphs off for `msa` (its decode metadata is not graph-capturable yet).
+def reserved_mem_fraction(mem_fraction_static: float, budget_bytes: int, device_bytes: int) -> float:
+    """SGLang's static memory fraction after setting aside the memories' budget."""
+    reserved = budget_bytes / device_bytes
+    if mem_fraction_static - reserved < 0.05:
+        raise ValueError(
+            f"sglang-msa: memory_budget_mb ({budget_bytes / 2**20:.0f} MiB) leaves too little of "
+            f"mem_fraction_static={mem_fraction_static:.3f} on a {device_bytes / 2**30:.1f} GiB device"
+        )
+    return mem_fraction_static - reserved
 
-    SGLang disables graphs by itself only for torch_native and flex_attention; for any other
-    name it would try to capture the backend's decode. The hook runs after SGLang's own
-    compatibility pass, in the launcher, before the scheduler starts.
+
+def configure_msa_resolution(result, server_args, *args, **kwargs):
+    """After SGLang's own attention pass (launcher, before the scheduler starts), for `msa`:
+
+    - CUDA graphs off (its decode metadata is not graph-capturable yet; SGLang disables graphs
+      by itself only for torch_native and flex_attention);
+    - on a GPU, the memories' budget (`memory_budget_mb`) is taken out of SGLang's
+      `mem_fraction_static`, so the KV cache SGLang sizes does not count on those bytes. (On the
+      CPU engine the KV pool is sized by --max-total-tokens; the budget is host memory.)
     """
     from sglang.srt.arg_groups.overrides import declare_resolution, resolved_view, resolving_view
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
@@ -147,15 +160,30 @@ def disable_cuda_graphs_for_msa(result, server_args, *args, **kwargs):
     }
     if not uses_msa:
         return result
+    source = "sglang_msa.plugin.configure_msa_resolution"
     logger.warning(
         "sglang-msa: CUDA graphs are disabled for --attention-backend msa "
         "(per-request memory metadata is not graph-capturable yet)"
     )
     for phase in (Phase.DECODE, Phase.PREFILL):
         config = resolving_view(server_args).cuda_graph_config
-        declare_resolution(
-            server_args,
-            "sglang_msa.plugin.disable_cuda_graphs_for_msa",
-            cuda_graph_config=with_phase(config, phase, backend=Backend.DISABLED),
-        )
+        declare_resolution(server_args, source, cuda_graph_config=with_phase(config, phase, backend=Backend.DISABLED))
+    _reserve_memory_budget(server_args, source)
     return result
+
+
+def _reserve_memory_budget(server_args, source: str) -> None:
+    import torch
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+
+    from sglang_msa.config import load_options
+
+    fraction = resolving_view(server_args).mem_fraction_static
+    if not torch.cuda.is_available() or fraction is None:
+        return
+    budget = int(load_options().memory_budget_mb * 2**20)
+    device_bytes = torch.cuda.get_device_properties(0).total_memory
+    reserved = reserved_mem_fraction(fraction, budget, device_bytes)
+    logger.warning("sglang-msa: %d MiB reserved for memories: mem_fraction_static %.3f -> %.3f",
+                   budget // 2**20, fraction, reserved)
+    declare_resolution(server_args, source, mem_fraction_static=reserved)

@@ -191,3 +191,33 @@ def test_query_on_empty_memory_equals_dense(parts):
     ).transpose(0, 1).reshape(n, H * D)
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
     assert harness.service.take_report(rid)["layers"]["0"]["doc_gids"] == []
+
+
+def test_routing_only_sees_the_named_memory(parts):
+    """Memory B holds documents built to match the query far better than anything in A; a query
+    on A still selects only A's documents (isolation is enforced where the data is)."""
+    gen = torch.Generator().manual_seed(9)
+    harness = Harness(parts, MSAOptions(top_k_docs=3, chunk_size=4, memory_content="pooled"))
+    store = harness.service.store
+    store.create("tenant-a")
+    store.create("tenant-b")
+    q = torch.randn(5, H * D, generator=gen)
+    direction = q.view(5, H, D)[:, ::2].mean(0)  # what KV heads 0..HKV-1 would need to match q
+    for memory_id, gids, strength in (("tenant-a", range(0, 4), 0.0), ("tenant-b", range(100, 104), 50.0)):
+        for gid in gids:
+            n = 6
+            k = torch.randn(n, HKV, D, generator=gen) + strength * direction
+            rid = f"ingest-{memory_id}-{gid}"
+            harness.service.registry.put(rid, IngestState(IngestParams(op="ingest", memory_id=memory_id, gid=gid),
+                                                          num_tokens=n))
+            row, slots = harness.new_request(n)
+            harness.extend(rid, row, slots, torch.randn(n, H * D, generator=gen), k, torch.randn(n, HKV, D, generator=gen))
+            assert harness.service.take_report(rid)["committed"]
+    for memory_id, allowed in (("tenant-a", set(range(0, 4))), ("tenant-b", set(range(100, 104)))):
+        rid = f"query-{memory_id}"
+        harness.service.registry.put(rid, QueryState(params=QueryParams(memory_id=memory_id), prompt_len=5,
+                                                     routing_span=(0, 5), position_offset=6))
+        row, slots = harness.new_request(5)
+        harness.extend(rid, row, slots, q, torch.randn(5, HKV, D, generator=gen), torch.randn(5, HKV, D, generator=gen))
+        selected = harness.service.take_report(rid)["layers"]["0"]["doc_gids"]
+        assert len(selected) == 3 and set(selected) <= allowed

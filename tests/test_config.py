@@ -1,0 +1,74 @@
+"""Plugin options: parsing, validation, checkpoint-derived values, memory reservation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from sglang_msa.config import MSAOptions, parse_options
+from sglang_msa.models.msa_config import options_for_checkpoint, routed_layers_of
+from sglang_msa.plugin import reserved_mem_fraction
+
+
+def test_options_from_json_text_and_file(tmp_path):
+    assert parse_options('{"top_k_docs": 8}').top_k_docs == 8
+    path = tmp_path / "msa.json"
+    path.write_text(json.dumps({"chunk_size": 16, "memory_content": "pooled"}))
+    options = parse_options(str(path))
+    assert (options.chunk_size, options.memory_content) == (16, "pooled")
+    with pytest.raises(ValueError, match="neither a JSON object nor a file"):
+        parse_options("/no/such/file.json")
+
+
+@pytest.mark.parametrize("bad", [{"top_k_docs": 0}, {"similarity": "l2"}, {"routed_layers": [1, 1]},
+                                 {"unknown_option": 1}, {"chunk_size": "big"}])
+def test_invalid_options_are_refused(bad):
+    with pytest.raises(ValidationError):
+        MSAOptions.model_validate(bad)
+
+
+def test_routed_layers():
+    assert MSAOptions().routed_layer_ids(36) == list(range(18, 36))
+    assert MSAOptions(routed_layers="all").routed_layer_ids(3) == [0, 1, 2]
+    assert MSAOptions(routed_layers=[3, 1]).routed_layer_ids(4) == [1, 3]
+    with pytest.raises(ValueError, match="do not exist"):
+        MSAOptions(routed_layers=[5]).routed_layer_ids(4)
+
+
+def test_checkpoint_values_override_the_method_options():
+    released = {"router_layer_idx": ",".join(str(i) for i in range(18, 36)), "top_k_docs": 16,
+                "pooling_kernel_size": 64, "head_reduce_method": "mean", "query_reduce_method": "max",
+                "chunk_reduce_method": "max", "aux_loss_method": "INFONCE_DECOUPLE"}
+    assert routed_layers_of(released, 36) == list(range(18, 36))
+    options = options_for_checkpoint(MSAOptions(top_k_docs=4, chunk_size=8, max_document_tokens=99), released, 36)
+    assert (options.top_k_docs, options.chunk_size, options.similarity) == (16, 64, "dot")
+    assert options.memory_content == "pooled" and options.max_document_tokens == 99  # limits stay
+    assert options_for_checkpoint(MSAOptions(), {**released, "aux_loss_method": "INFONCE"}, 36).similarity == "cosine"
+    assert options_for_checkpoint(MSAOptions(similarity="cosine"), released, 36).similarity == "cosine"
+
+
+def test_memory_budget_is_taken_out_of_sglangs_static_fraction():
+    assert reserved_mem_fraction(0.8, 8 * 2**30, 80 * 2**30) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="leaves too little"):
+        reserved_mem_fraction(0.5, 60 * 2**30, 80 * 2**30)
+
+
+def test_msa_config_flag_is_validated_at_startup():
+    code = (
+        "from sglang.srt.plugins import load_plugins; load_plugins();"
+        "import os; from sglang.srt.server_args import prepare_server_args;"
+        "prepare_server_args(['--model-path', 'x', '--attention-backend', 'msa', '--msa-config', os.environ['CFG']]);"
+        "print(os.environ['SGLANG_MSA_CONFIG'])"
+    )
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "CFG": '{"top_k_docs": 3}'})
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout.strip().splitlines()[-1]) == {"top_k_docs": 3}
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CFG": '{"top_k_docs": -1}'})
+    assert bad.returncode != 0 and "top_k_docs" in bad.stderr
