@@ -2,8 +2,9 @@
 loaded through the memory API, and questions answered with the documents each one retrieved.
 
 The embedded model (SmolLM2-135M-Instruct) was not trained for MSA: it runs in training-free
-mode (routing on its own pooled keys, the selected documents read at full resolution), so the
-retrieval it shows is what an untrained 135M model manages, not the method's trained quality.
+mode (routing on its own pooled keys, the selected documents read at full resolution), and the
+original text of the top-routed documents is injected before each question. The retrieval it
+shows is what an untrained 135M model manages, not the method's trained quality.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sglang_msa.models.embedded import prepare_embedded_model
 from sglang_msa.server_process import start_server
 
 DEMO_OPTIONS = {"top_k_docs": 3, "memory_content": "full"}
+INJECT_DOCUMENTS = 2  # the original text of the 2 top-routed documents goes before the question
 
 
 def load_demo_memory() -> dict:
@@ -55,14 +57,14 @@ def main(argv: list[str] | None = None) -> None:
             response = requests.post(
                 f"{url}/v1/memories/{demo['memory_id']}/chat/completions",
                 json={"messages": [{"role": "user", "content": question}], "temperature": 0,
-                      "max_tokens": args.max_new_tokens},
+                      "max_tokens": args.max_new_tokens, "msa": {"inject_documents": INJECT_DOCUMENTS}},
                 timeout=300,
             )
             response.raise_for_status()
             reply = response.json()
             answer = reply["choices"][0]["message"]["content"].strip()
             print(f"Q: {question}\nA: {answer}   ({time.monotonic() - started:.2f}s)")
-            for rank, doc in enumerate(reply["msa"]["retrieved"][:3], 1):
+            for rank, doc in enumerate(reply["msa"]["injected"], 1):
                 print(f"   retrieved #{rank}: [{doc['doc_id']}] {texts[doc['doc_id']]}")
             print()
 

@@ -22,5 +22,6 @@ def test_demo_answers_from_its_memory():
     answers = [line for line in result.stdout.splitlines() if line.startswith("A: ")]
     assert len(answers) == 3
     assert result.stdout.count("retrieved #1: [") == 3
-    # a real model reading the retrieved document (greedy, deterministic): the soup question
+    # a real model reading the injected documents (greedy, deterministic)
     assert "paprika" in answers[0]
+    assert "Elira Voss" in answers[1]

@@ -231,3 +231,31 @@ def test_live_ingestion_and_deletion_while_querying(server):
     for i in range(10):
         retrieved = {d["doc_id"] for d in chat(server, "live", f"seed {i}", details=True)["msa"]["retrieved"]}
         assert not retrieved & {f"seed-{j}" for j in range(4)}
+
+
+def test_router_driven_injection(server):
+    """The top-routed documents' original text goes before the question; a second round routes
+    on what was injected and adds documents not injected yet."""
+    post(f"{server}/v1/memories", {"memory_id": "inject"}, 201)
+    docs = [{"text": f"Note {i}: the locker {i} code is {i * 111}.", "doc_id": f"note-{i}"} for i in range(6)]
+    post(f"{server}/v1/memories/inject/documents", {"documents": docs}, 201)
+    question = "What is the code of locker 3?"
+    plain = chat(server, "inject", question)
+    one = post(f"{server}/v1/memories/inject/chat/completions", {
+        "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 6,
+        "msa": {"inject_documents": 2},
+    }, 200)
+    assert len(one["msa"]["injection_rounds"]) == 1 and len(one["msa"]["injected"]) == 2
+    injected_ids = [d["doc_id"] for d in one["msa"]["injected"]]
+    # the injected documents are the ones the first routing ranked highest
+    assert injected_ids == [d["doc_id"] for d in plain["msa"]["retrieved"][:2]]
+    texts = {d["doc_id"]: d["text"] for d in docs}
+    extra_tokens = one["usage"]["prompt_tokens"] - plain["usage"]["prompt_tokens"]
+    assert extra_tokens >= sum(len(texts[i]) // 8 for i in injected_ids)  # the text is really in the prompt
+    two = post(f"{server}/v1/memories/inject/chat/completions", {
+        "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 6,
+        "msa": {"inject_documents": 2, "inject_rounds": 2},
+    }, 200)
+    rounds = two["msa"]["injection_rounds"]
+    assert len(rounds) == 2 and [d["doc_id"] for d in rounds[0]] == injected_ids
+    assert not {d["doc_id"] for d in rounds[1]} & set(injected_ids) and len(rounds[1]) == 2

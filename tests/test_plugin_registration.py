@@ -19,9 +19,21 @@ def test_load_plugins_registers_msa_idempotently():
 
     from sglang_msa import plugin
 
+    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from transformers import AutoConfig
+
+    from sglang_msa.models.msa import MSAForCausalLM
+    from sglang_msa.models.msa_config import MSAConfig
+
     load_plugins()
     assert "msa" in ATTENTION_BACKEND_CHOICES
     assert ATTENTION_BACKENDS["msa"] is plugin.create_msa_backend
+    assert ModelRegistry.models["MSAForCausalLM"] is MSAForCausalLM
+    assert type(AutoConfig.for_model("msa")) is MSAConfig
+    # hooks that failed to apply would only be logged by SGLang
+    assert {plugin._COMPATIBILITY_TARGET, plugin._ADMISSION_TARGET, plugin._CLI_ARGS_TARGET,
+            plugin._FROM_CLI_TARGET} <= HookRegistry._patched
     plugin.register()  # SGLang runs it once per process; a second call must change nothing
     plugin.register()
     assert ATTENTION_BACKEND_CHOICES.count("msa") == 1

@@ -19,7 +19,13 @@ from sglang_msa.memory_manager.store import MemoryOperationError
 from sglang_msa.server import schemas
 from sglang_msa.server.metadata import DocumentRecord, MetadataStore
 from sglang_msa.models.msa_config import MSA_MODEL_TYPE, wrap_document
-from sglang_msa.server.prompting import MemoryPrompt, build_chat_prompt, build_msa_chat_prompt, build_prompt
+from sglang_msa.server.prompting import (
+    MemoryPrompt,
+    build_chat_prompt,
+    build_msa_chat_prompt,
+    build_prompt,
+    injected_question,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -219,11 +225,58 @@ class MemoryAPI:
         return {"doc_id": doc_id, "deleted": True}
 
     # ------------------------------------------------------------------------------ queries
-    def chat_prompt(self, memory_id: str, body: schemas.MemoryChatRequest) -> MemoryPrompt:
+    async def chat_prompt(self, memory_id: str, body: schemas.MemoryChatRequest) -> tuple[MemoryPrompt, dict]:
+        """The prompt of the answer, and what injection rounds added (empty without injection)."""
         self.require_memory(memory_id)
         messages = [message.model_dump(include={"role", "content"}) for message in body.messages]
-        build = build_msa_chat_prompt if self.is_msa_checkpoint else build_chat_prompt
-        return build(self.tokenizer, messages, body.msa.routing_text)
+        if body.msa.inject_documents == 0:
+            build = build_msa_chat_prompt if self.is_msa_checkpoint else build_chat_prompt
+            return build(self.tokenizer, messages, body.msa.routing_text), {}
+        if self.is_msa_checkpoint:
+            raise APIError(422, "router-driven injection is for training-free models; MSA checkpoints "
+                           "retrieve by generating document ids (Memory Interleave)", "msa.inject_documents")
+        return await self.inject_documents(memory_id, messages, body.msa)
+
+    async def route_only(self, memory_id: str, prompt: MemoryPrompt) -> list[int]:
+        """Prefill the prompt over the memory and return the documents its routing ranked."""
+        rid = f"msa-route-{uuid.uuid4().hex}"
+        try:
+            await self.generate(prompt.input_ids, {"max_new_tokens": 1, "temperature": 0},
+                                self.query_params(memory_id, prompt), rid).__anext__()
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+        return (await self.control_request(protocol.TakeReport(rid=rid)))["ranked_gids"]
+
+    async def inject_documents(self, memory_id: str, messages: list[dict],
+                               options: schemas.MemoryOptions) -> tuple[MemoryPrompt, dict]:
+        """Router-driven injection: route, put the top documents' original text before the
+        question, optionally route again on what was injected, then answer."""
+        user_turns = [i for i, m in enumerate(messages) if m["role"] == "user" and m["content"].strip()]
+        if not user_turns:
+            raise APIError(422, "a memory query needs a non-empty user message", "messages")
+        question, turn = messages[user_turns[-1]]["content"], user_turns[-1]
+        routing_text, older, newest = options.routing_text, [], []
+        injected, rounds, budget = set(), [], self.options.max_injected_tokens
+        current = messages
+        for _ in range(options.inject_rounds):
+            gids = await self.route_only(memory_id, build_chat_prompt(self.tokenizer, current, routing_text))
+            records = self.metadata.documents_by_gid(memory_id, gids)
+            chosen = []
+            for gid in gids:
+                if gid in records and gid not in injected and len(chosen) < options.inject_documents:
+                    cost = records[gid].num_tokens
+                    if cost > budget:
+                        break
+                    budget -= cost
+                    chosen.append(records[gid])
+                    injected.add(gid)
+            rounds.append([{"doc_id": r.doc_id, "gid": r.gid} for r in chosen])
+            older, newest = older + newest, [f"[{r.doc_id}] {r.text}" for r in chosen]
+            content, routing_text = injected_question(older, newest, question)
+            current = [*messages[:turn], {"role": "user", "content": content}, *messages[turn + 1:]]
+        prompt = build_chat_prompt(self.tokenizer, current, "Question: " + question)
+        return prompt, {"injection_rounds": rounds,
+                        "injected": [doc for round_docs in rounds for doc in round_docs]}
 
     @staticmethod
     def query_params(memory_id: str, prompt: MemoryPrompt) -> dict:
@@ -232,7 +285,7 @@ class MemoryAPI:
 
     async def chat(self, memory_id: str, body: schemas.MemoryChatRequest, created: int) -> dict:
         """A non-streaming OpenAI chat completion over the memory."""
-        prompt = self.chat_prompt(memory_id, body)
+        prompt, injection = await self.chat_prompt(memory_id, body)
         rid = f"msa-chat-{uuid.uuid4().hex}"
         try:
             out = await self.generate(
@@ -247,7 +300,7 @@ class MemoryAPI:
                          "finish_reason": finish_reason(meta)}],
             "usage": {"prompt_tokens": meta["prompt_tokens"], "completion_tokens": meta["completion_tokens"],
                       "total_tokens": meta["prompt_tokens"] + meta["completion_tokens"]},
-            "msa": await self.retrieved(memory_id, rid, body.msa.routing_details),
+            "msa": {**await self.retrieved(memory_id, rid, body.msa.routing_details), **injection},
         }
 
     async def generate_over_memory(self, memory_id: str, body: schemas.MemoryGenerateRequest) -> dict:

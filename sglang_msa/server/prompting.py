@@ -77,3 +77,12 @@ def build_msa_chat_prompt(tokenizer, messages: list[dict], routing_text: str | N
     if prompt.routing_span[0] < template_tokens:
         raise PromptError("the routing text overlaps the template", "msa.routing_text")
     return MemoryPrompt(prompt.input_ids, prompt.routing_span, template_tokens)
+
+
+def injected_question(older: list[str], newest: list[str], question: str) -> tuple[str, str]:
+    """The user message with documents' original text before the question, and the routing text
+    of the next round: the newest documents together with the question (contiguous)."""
+    newest_block = "\n".join(newest)
+    routed = (newest_block + "\n\n" if newest_block else "") + "Question: " + question
+    header = "Relevant documents:\n" + ("\n".join(older) + "\n" if older else "")
+    return header + routed, routed

@@ -120,7 +120,7 @@ async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = Mem
     created = int(time.time())
     if not body.stream:
         return await api.chat(memory_id, body, created)
-    prompt = api.chat_prompt(memory_id, body)
+    prompt, injection = await api.chat_prompt(memory_id, body)
     rid = f"msa-chat-{uuid.uuid4().hex}"
     outputs = api.generate(
         prompt.input_ids, chat_sampling_params(body), api.query_params(memory_id, prompt), rid, stream=True
@@ -143,7 +143,8 @@ async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = Mem
         except ValueError as exc:
             yield f"data: {json.dumps(APIError(400, str(exc)).body())}\n\n".encode()
         else:
-            yield event({}, finish or "stop", msa=await api.retrieved(memory_id, rid, body.msa.routing_details))
+            retrieved = await api.retrieved(memory_id, rid, body.msa.routing_details)
+            yield event({}, finish or "stop", msa={**retrieved, **injection})
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

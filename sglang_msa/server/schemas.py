@@ -51,6 +51,14 @@ class MemoryOptions(BaseModel):
     template_tokens: int | None = Field(
         None, ge=0, description="with input_ids: leading tokens that precede the memory (MSA template head)"
     )
+    inject_documents: int = Field(
+        0, ge=0, le=64,
+        description="chat, training-free models: inject the original text of this many top-routed documents "
+        "before the question (0: off)",
+    )
+    inject_rounds: int = Field(
+        1, ge=1, le=4, description="injection rounds; a later round routes on the documents injected last"
+    )
 
 
 class ChatMessage(BaseModel):
