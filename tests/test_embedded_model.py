@@ -43,12 +43,18 @@ def test_sglang_greedy_answers_equal_hf(embedded_model, tmp_path):
                                              add_generation_prompt=True) for p in PROMPTS]
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     model = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
-    expected = [model.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12,
-                               do_sample=False)[0, len(ids):].tolist() for ids in prompt_ids]
+    eos = tokenizer.eos_token_id
+
+    def until_eos(tokens: list[int]) -> list[int]:
+        return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+    expected = [until_eos(model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
+                          .tolist()) for ids in prompt_ids]
+    assert any(len(want) >= 5 for want in expected)
     with start_server(embedded_model, "msa", extra_args=["--max-total-tokens", "4096", "--dtype", "float32"],
                       log_path=tmp_path / "server.log") as server:
         for ids, want in zip(prompt_ids, expected):
             out = requests.post(f"{server.base_url}/generate", json={
-                "input_ids": ids, "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True},
+                "input_ids": ids, "sampling_params": {"max_new_tokens": 12, "temperature": 0},
             }, timeout=120).json()
-            assert out["output_ids"] == want
+            assert until_eos(out["output_ids"]) == want
