@@ -1,18 +1,20 @@
-"""Ingestion throughput and query latency of the msa server at several memory sizes.
+"""Cost vs memory size: ingestion throughput, bytes per memory token, and query latency.
 
 Starts `sglang serve --attention-backend msa` on the embedded SmolLM2-135M-Instruct (training-free
 mode), fills a memory with seeded pseudo-prose documents in steps, and after each step measures
 the query's time to first token and decode speed. In the same run, dense SGLang (the same
 server, no memory) answers the same question with the memory's text in its context wherever
-that fits the model's context window. Prints a table and writes JSON.
+that fits the model's context window. Prints a table with the growth exponent of MSA's time to
+first token (slope of log TTFT over log memory tokens), writes JSON and a PNG plot.
 
-    .venv/bin/python benchmarks/memory_scaling.py [--sizes 4096,16384,65536] [--out results.json]
+    .venv/bin/python benchmarks/serving.py [--sizes 4096,16384,65536,262144] [--out benchmarks/results/serving]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import statistics
@@ -62,10 +64,10 @@ def measure_query(url: str, path: str, content: str, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="4096,16384,65536", help="memory sizes in tokens (cumulative steps)")
+    parser.add_argument("--sizes", default="4096,16384,65536,262144", help="memory sizes in tokens (cumulative steps)")
     parser.add_argument("--doc-words", type=int, default=180)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results/memory_scaling.json")
+    parser.add_argument("--out", default="benchmarks/results/serving")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -120,11 +122,44 @@ def main() -> None:
         print(f"{r['memory_tokens']:>10} {r['documents']:>5} {r['bytes_per_memory_token']:>8.0f} "
               f"{r['ingest_tok_s']:>12.0f} {r['msa_ttft_s']:>10.3f} {r['msa_decode_tok_s']:>13.1f} "
               f"{dense_ttft:>12} {dense_dec:>15} {str(r['needle_retrieved']):>12}")
+    exponent = growth_exponent([r["memory_tokens"] for r in rows], [r["msa_ttft_s"] for r in rows])
+    print(f"\nMSA time-to-first-token growth exponent over memory size: {exponent:.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "processor": platform.processor(),
-                               "model": str(model), "options": options, "rows": rows}, indent=2))
-    print(f"\nwrote {out}")
+    out.with_suffix(".json").write_text(json.dumps({
+        "machine": platform.platform(), "processor": platform.processor(), "model": str(model),
+        "options": options, "msa_ttft_growth_exponent": exponent, "rows": rows}, indent=2))
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def growth_exponent(sizes: list[float], values: list[float]) -> float:
+    """Least-squares slope of log(value) over log(size): 1.0 is linear growth, 0 is flat."""
+    xs, ys = [math.log(s) for s in sizes], [math.log(v) for v in values]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread if spread else 0.0
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    sizes = [r["memory_tokens"] for r in rows]
+    axis.plot(sizes, [r["msa_ttft_s"] for r in rows], marker="o", label="MSA time to first token")
+    dense = [(r["memory_tokens"], r["dense_ttft_s"]) for r in rows if r["dense_ttft_s"] is not None]
+    if dense:
+        axis.plot(*zip(*dense), marker="s", label="dense SGLang (memory in context)")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("memory tokens")
+    axis.set_ylabel("seconds")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
 
 
 if __name__ == "__main__":
