@@ -8,7 +8,7 @@ Systems, same model (the embedded SmolLM2-135M-Instruct unless --model-path), sa
 Metrics: router recall@k per routed layer and for the union (MSA), retriever recall@k (RAG),
 answer exact-match (every expected value in the answer). Prints a table, writes JSON and PNG.
 
-    .venv/bin/python benchmarks/quality.py                      # default sizes, CPU: ~15 min
+    .venv/bin/python benchmarks/quality.py                      # default sizes, 2-core CPU: ~15 min
     .venv/bin/python benchmarks/quality.py --sizes 16000,131072,1048576 --content pooled
 """
 
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--model-path", help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--sizes", default="4000,16000,64000", help="memory sizes in tokens (approximate)")
     parser.add_argument("--variants", default="single,multikey,multivalue,multiquery")
-    parser.add_argument("--seeds", type=int, default=2, help="memories per (size, variant)")
+    parser.add_argument("--seeds", type=int, default=1, help="memories per (size, variant)")
     parser.add_argument("--doc-words", type=int, default=150)
     parser.add_argument("--top-k", type=int, default=16, help="documents per routed layer")
     parser.add_argument("--inject", type=int, default=4, help="documents injected (msa+inject) / retrieved (rag)")
