@@ -1,8 +1,7 @@
-"""Client side of the control channel (HTTP server process, or a Python program beside an Engine)."""
+"""Client side of the control channel (the process serving the memory API: HTTP server or Engine)."""
 
 from __future__ import annotations
 
-import zmq
 import zmq.asyncio
 
 from sglang_msa.memory_manager import protocol
@@ -16,31 +15,9 @@ def _decode(raw: bytes) -> dict:
     return reply.result
 
 
-class ControlClient:
-    """Blocking request/reply to the scheduler's MSA service. One request at a time."""
-
-    def __init__(self, port: int, timeout_s: float = 60.0):
-        self.address = protocol.control_address(port)
-        self.timeout_ms = int(timeout_s * 1000)
-        self._context = zmq.Context.instance()
-
-    def request(self, message: protocol._Message) -> dict:
-        socket = self._context.socket(zmq.REQ)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
-        socket.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
-        try:
-            socket.connect(self.address)
-            socket.send(message.model_dump_json().encode())
-            return _decode(socket.recv())
-        except zmq.Again as exc:
-            raise MemoryOperationError(f"the scheduler's MSA service did not answer at {self.address}", 503) from exc
-        finally:
-            socket.close()
-
-
 class AsyncControlClient:
-    """The same over asyncio, for the HTTP routes (one socket per call: REQ sockets are strict)."""
+    """Request/reply to the scheduler's MSA service over asyncio (one socket per call: REQ
+    sockets are strict)."""
 
     def __init__(self, port: int, timeout_s: float = 60.0):
         self.address = protocol.control_address(port)

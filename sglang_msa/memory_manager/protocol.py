@@ -41,12 +41,8 @@ class TakeReport(_Message):
     rid: str
 
 
-class ServiceStatus(_Message):
-    op: Literal["status"] = "status"
-
-
 ControlMessage = Annotated[
-    Union[CreateMemory, DropMemory, RemoveDocument, MemoryStats, TakeReport, ServiceStatus],
+    Union[CreateMemory, DropMemory, RemoveDocument, MemoryStats, TakeReport],
     Field(discriminator="op"),
 ]
 control_message_adapter = TypeAdapter(ControlMessage)

@@ -126,10 +126,6 @@ class RequestRegistry:
         with self._lock:
             return self._states.pop(rid, None)
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._states)
-
     def _expire(self) -> None:
         deadline = time.monotonic() - self.ttl_s
         for rid in [rid for rid, state in self._states.items() if state.last_access < deadline]:

@@ -169,14 +169,6 @@ class MemoryService:
             return store.stats(message.memory_id)
         if isinstance(message, protocol.TakeReport):
             return self.take_report(message.rid)
-        if isinstance(message, protocol.ServiceStatus):
-            return {
-                "routed_layers": self.routed_layers,
-                "options": self.options.model_dump(),
-                "used_bytes": store.used_bytes,
-                "budget_bytes": store.budget_bytes,
-                "active_requests": len(self.registry),
-            }
         raise ValueError(f"unhandled message {message!r}")
 
     def take_report(self, rid: str) -> dict:

@@ -170,11 +170,6 @@ class MemoryStore:
                 "bytes": memory.nbytes(),
             }
 
-    @property
-    def used_bytes(self) -> int:
-        with self._lock:
-            return self._used_bytes
-
     def _require(self, memory_id: str) -> Memory:
         memory = self._memories.get(memory_id)
         if memory is None:

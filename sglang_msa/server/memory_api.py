@@ -159,11 +159,14 @@ class MemoryAPI:
         explicit = [doc.doc_id for doc in body.documents if doc.doc_id is not None]
         if len(set(explicit)) != len(explicit):
             raise APIError(409, "duplicate doc_id in the request", "documents")
-        # validate on the ids the documents will most likely get, then take the ids for real
+        # validate on the ids the documents will most likely get, then take the ids for real;
+        # tokenize again only if a concurrent request took those ids first
         next_gid = self.metadata.next_gid(memory_id)
-        self.tokenize_documents(body, range(next_gid, next_gid + len(body.documents)))
+        prospective = list(range(next_gid, next_gid + len(body.documents)))
+        token_ids = self.tokenize_documents(body, prospective)
         gids = self.metadata.reserve_gids(memory_id, len(body.documents))
-        token_ids = self.tokenize_documents(body, gids)
+        if gids != prospective:
+            token_ids = self.tokenize_documents(body, gids)
         doc_ids = [doc.doc_id or str(gid) for doc, gid in zip(body.documents, gids)]
         taken = self.metadata.existing_doc_ids(memory_id, doc_ids)
         if taken or len(set(doc_ids)) != len(doc_ids):
