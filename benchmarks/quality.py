@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="4000,16000,64000", help="memory sizes in tokens (approximate)")
     parser.add_argument("--variants", default="single,multikey,multivalue,multiquery")
     parser.add_argument("--seeds", type=int, default=1, help="memories per (size, variant)")
+    parser.add_argument("--questions", type=int, default=1,
+                        help="independent questions (needle groups) per memory; larger sizes need fewer memories")
     parser.add_argument("--doc-words", type=int, default=150)
     parser.add_argument("--top-k", type=int, default=16, help="documents per routed layer")
     parser.add_argument("--inject", type=int, default=4, help="documents injected (msa+inject) / retrieved (rag)")
@@ -157,7 +159,8 @@ def main() -> None:
             size_results = []
             for variant in args.variants.split(","):
                 for seed in range(args.seeds):
-                    task = generators.niah_task(variant, int(size / TOKENS_PER_WORD), args.doc_words, "prose", seed)
+                    task = generators.niah_task(variant, int(size / TOKENS_PER_WORD), args.doc_words, "prose", seed,
+                                                args.questions)
                     result = evaluate_task(server.base_url, task, f"q-{size}-{variant}-{seed}", retriever, args,
                                            args.context_limit)
                     result.update(size=size, variant=variant, seed=seed)

@@ -17,10 +17,13 @@ from tiny_models import build_tiny_model
 NUM_LAYERS = 4
 
 
+MSA_MARKERS = ("<|object_ref_end|>", "<End-of-Retrieve>")  # special tokens of the MSA tokenizer (spec §10)
+
+
 def build_tiny_msa_checkpoint(out_dir: Path, aux_loss_method: str = "INFONCE_DECOUPLE", seed: int = 0) -> Path:
     """A 4-layer Qwen3 with layers 2 and 3 routed, top-2 documents, 4-token chunks."""
     out_dir = Path(out_dir)
-    build_tiny_model("qwen3", out_dir, seed=seed, num_layers=NUM_LAYERS)
+    build_tiny_model("qwen3", out_dir, seed=seed, num_layers=NUM_LAYERS, extra_special_tokens=MSA_MARKERS)
     config = json.loads((out_dir / "config.json").read_text())
     config.update(
         model_type="msa",
@@ -42,6 +45,39 @@ def build_tiny_msa_checkpoint(out_dir: Path, aux_loss_method: str = "INFONCE_DEC
         weights[f"{prefix}.router_k_proj.0.weight"] = torch.randn(kv_heads * head_dim, hidden, generator=gen) * 0.08
     save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
     return out_dir
+
+
+def script_next_tokens(model_dir: Path, chain: list[int], strength: float = 20.0) -> None:
+    """Make the checkpoint a scripted decoder: greedy decoding after token chain[i] emits
+    chain[i + 1] (chain tokens distinct). Attention outputs and MLPs are zeroed, so the last
+    hidden state is the current token's embedding, and the LM head maps it to its successor. The
+    router projections stay random: routing (and what the tests check of it) is unchanged."""
+    assert len(set(chain)) == len(chain)
+    path = Path(model_dir) / "model.safetensors"
+    weights = load_file(path)
+    for name in weights:
+        if name.endswith("self_attn.o_proj.weight") or name.endswith("mlp.down_proj.weight"):
+            weights[name].zero_()
+    embed, lm_head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    lm_head.zero_()
+    for current, following in zip(chain, chain[1:]):
+        unit = embed[current] / embed[current].pow(2).mean().sqrt()  # what the final RMSNorm gives
+        lm_head[following] = strength * unit / unit.numel()
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+def align_router_keys(model_dir: Path) -> None:
+    """Set each KV group's router key projection to its first query head's router query
+    projection, so a routing token scores highest against chunks holding the same tokens
+    (routing by overlap: what makes later interleave rounds select differently in tests)."""
+    path = Path(model_dir) / "model.safetensors"
+    weights = load_file(path)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim, group = config["head_dim"], config["num_attention_heads"] // config["num_key_value_heads"]
+    for name in [n for n in weights if n.endswith("router_q_proj.0.weight")]:
+        heads = weights[name].view(-1, head_dim, weights[name].shape[-1])
+        weights[name.replace("router_q_proj", "router_k_proj")] = heads[::group].reshape(-1, heads.shape[-1]).clone()
+    save_file(weights, path, metadata={"format": "pt"})
 
 
 class ReferenceMSAModel:
@@ -105,8 +141,11 @@ class ReferenceMSAModel:
             x = self.finish_layer(layer, x, self.causal(q, k, v))
         return stored
 
-    def query(self, ids: list[int], memory: list[dict], template: int, span: tuple[int, int]):
-        """Logits of every prompt token and the per-layer selected document indices."""
+    def query(self, ids: list[int], memory: list[dict], template: int, spans):
+        """Logits of every prompt token and the per-layer selected document indices; the tokens
+        of `spans` ([start, end) ranges) route."""
+        routing_tokens = torch.tensor([i for start, end in spans for i in range(start, end)])
+        self.document_scores: dict[int, torch.Tensor] = {}  # per routed layer, of the last query
         n = len(ids)
         x = self.w["model.embed_tokens.weight"][torch.tensor(ids)]
         positions = torch.where(torch.arange(n) < template, torch.arange(n),
@@ -122,9 +161,12 @@ class ReferenceMSAModel:
                 n, self.heads, self.head_dim)
             router_keys = torch.cat([doc["layers"][layer][2] for doc in memory])
             o = self.options
-            chosen = ref.route_documents(qr[span[0]:span[1]], router_keys, layout, o.top_k_docs, o.similarity,
+            chosen = ref.route_documents(qr[routing_tokens], router_keys, layout, o.top_k_docs, o.similarity,
                                          o.head_reduce, o.query_reduce, o.chunk_reduce).tolist()
             selections[layer] = chosen
+            chunk_scores = ref.chunk_scores(qr[routing_tokens], router_keys, o.similarity, o.head_reduce,
+                                            o.query_reduce)
+            self.document_scores[layer] = ref.document_scores(chunk_scores, layout, o.chunk_reduce)
             memory_k = torch.cat([memory[i]["layers"][layer][0] for i in chosen])
             memory_v = torch.cat([memory[i]["layers"][layer][1] for i in chosen])
             attn = torch.empty(n, self.heads, self.head_dim, dtype=torch.float64)
@@ -136,11 +178,11 @@ class ReferenceMSAModel:
         logits = self.rms(x, self.w["model.norm.weight"]) @ self.w["lm_head.weight"].T
         return logits, selections
 
-    def greedy(self, ids, memory, template, span, max_new_tokens):
+    def greedy(self, ids, memory, template, spans, max_new_tokens):
         """Greedy decoding with the selection frozen: the routing tokens precede every generated
         token, so re-running the causal forward reproduces their routing exactly."""
         tokens = list(ids)
         for _ in range(max_new_tokens):
-            logits, _ = self.query(tokens, memory, template, span)
+            logits, _ = self.query(tokens, memory, template, spans)
             tokens.append(int(logits[-1].argmax()))
         return tokens[len(ids):]

@@ -110,12 +110,13 @@ def test_ingest_route_attend_match_reference(parts, memory_content, similarity):
         "bytes": store.stats(MEMORY)["bytes"],
     }
 
-    # query: template of 2 tokens, routing span = tokens 3..6 of a 7-token prompt, then one decode step
-    prompt_len, template, span = 7, 2, (3, 7)
+    # query: template of 2 tokens, routing spans = tokens 2, 3, 5, 6 of a 7-token prompt (two disjoint
+    # ranges, like a later interleave round), then one decode step
+    prompt_len, template, spans = 7, 2, [(2, 4), (5, 7)]
     rid = "query-1"
     harness.service.registry.put(rid, QueryState(
-        params=QueryParams(memory_id=MEMORY, routing_span=span, template_tokens=template),
-        prompt_len=prompt_len, routing_span=span, position_offset=40,
+        params=QueryParams(memory_id=MEMORY, routing_spans=spans, template_tokens=template),
+        prompt_len=prompt_len, routing_spans=spans, position_offset=40,
     ))
     row, slots = harness.new_request(prompt_len + 1)
     q = torch.randn(prompt_len, H * D, generator=gen)
@@ -127,7 +128,8 @@ def test_ingest_route_attend_match_reference(parts, memory_content, similarity):
     pooled_k = [ref.pool_chunks(x, [x.shape[0]], 4) for x in doc_k]
     layout = ref.chunk_layout(DOC_LENS, 4)
     q3 = q.view(prompt_len, H, D)
-    scores = ref.document_scores(ref.chunk_scores(q3[span[0]:span[1]], torch.cat(pooled_k), similarity), layout)
+    routing_q = torch.cat([q3[start:end] for start, end in spans])
+    scores = ref.document_scores(ref.chunk_scores(routing_q, torch.cat(pooled_k), similarity), layout)
     expected_gids = ref.select_top_k(scores, 2).tolist()
     report = harness.service.registry.get(rid).report()
     assert report["layers"]["0"]["doc_gids"] == expected_gids
@@ -165,8 +167,8 @@ def test_ingest_route_attend_match_reference(parts, memory_content, similarity):
     store.remove_document(MEMORY, expected_gids[0])
     rid2 = "query-2"
     harness.service.registry.put(rid2, QueryState(
-        params=QueryParams(memory_id=MEMORY, routing_span=span, template_tokens=template),
-        prompt_len=prompt_len, routing_span=span, position_offset=40,
+        params=QueryParams(memory_id=MEMORY, routing_spans=spans, template_tokens=template),
+        prompt_len=prompt_len, routing_spans=spans, position_offset=40,
     ))
     row2, slots2 = harness.new_request(prompt_len)
     harness.extend(rid2, row2, slots2, q, k[:prompt_len], v[:prompt_len])
@@ -182,7 +184,7 @@ def test_query_on_empty_memory_equals_dense(parts):
     n = 6
     rid = "q-empty"
     harness.service.registry.put(rid, QueryState(params=QueryParams(memory_id="empty"), prompt_len=n,
-                                                 routing_span=(0, n), position_offset=0))
+                                                 routing_spans=[(0, n)], position_offset=0))
     row, slots = harness.new_request(n)
     q, k, v = torch.randn(n, H * D, generator=gen), torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)
     out, _ = harness.extend(rid, row, slots, q, k, v)
@@ -216,7 +218,7 @@ def test_routing_only_sees_the_named_memory(parts):
     for memory_id, allowed in (("tenant-a", set(range(0, 4))), ("tenant-b", set(range(100, 104)))):
         rid = f"query-{memory_id}"
         harness.service.registry.put(rid, QueryState(params=QueryParams(memory_id=memory_id), prompt_len=5,
-                                                     routing_span=(0, 5), position_offset=6))
+                                                     routing_spans=[(0, 5)], position_offset=6))
         row, slots = harness.new_request(5)
         harness.extend(rid, row, slots, q, torch.randn(5, HKV, D, generator=gen), torch.randn(5, HKV, D, generator=gen))
         selected = harness.service.take_report(rid)["layers"]["0"]["doc_gids"]

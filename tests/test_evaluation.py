@@ -27,6 +27,24 @@ def test_niah_needles_are_where_the_gold_says(variant, style):
     assert 2500 < task.num_words() < 4000
 
 
+@pytest.mark.parametrize("variant", gen.NIAH_VARIANTS)
+def test_niah_questions_in_one_memory_are_independent(variant):
+    task = gen.niah_task(variant, memory_words=6000, doc_words=150, seed=4, num_questions=5)
+    assert task == gen.niah_task(variant, memory_words=6000, doc_words=150, seed=4, num_questions=5)
+    texts = {doc.doc_id: doc.text for doc in task.documents}
+    assert len(task.questions) == 5 and len({q.question for q in task.questions}) == 5
+    per_question = 4 if variant in ("multivalue", "multiquery") else 1
+    for question in task.questions:
+        assert len(question.answers) == per_question
+        for value in question.answers:
+            holders = [doc_id for doc_id, text in texts.items() if value in text]
+            assert len(holders) == 1 and holders[0] in question.gold_doc_ids
+    needles = sum(text.count("special magic numbers for") for text in texts.values())
+    assert needles == 5 * (1 if variant == "single" else 4)
+    with pytest.raises(ValueError, match="needles need"):
+        gen.niah_task(variant, memory_words=600, doc_words=150, num_questions=5 if variant != "single" else 9)
+
+
 def test_multihop_chains_need_two_documents():
     task = gen.multihop_task(num_chains=3, filler_docs=4, seed=0)
     texts = {doc.doc_id: doc.text for doc in task.documents}

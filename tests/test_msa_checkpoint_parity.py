@@ -64,13 +64,13 @@ def test_server_equals_reference_forward(served_checkpoint):
             "input_ids": prompt.input_ids,
             "sampling_params": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0, "ignore_eos": True},
             "return_logprob": True, "top_logprobs_num": 5,
-            "msa": {"routing_span": list(prompt.routing_span), "template_tokens": prompt.template_tokens,
+            "msa": {"routing_spans": [list(span) for span in prompt.routing_spans], "template_tokens": prompt.template_tokens,
                     "routing_details": True},
         }, timeout=120)
         assert response.status_code == 200, response.text
         served = response.json()
 
-        logits, selections = reference.query(prompt.input_ids, memory, prompt.template_tokens, prompt.routing_span)
+        logits, selections = reference.query(prompt.input_ids, memory, prompt.template_tokens, prompt.routing_spans)
         served_layers = {int(layer): sel["doc_gids"] for layer, sel in served["msa"]["layers"].items()}
         assert served_layers == selections, question
         assert all(len(gids) == 2 for gids in served_layers.values())
@@ -81,7 +81,7 @@ def test_server_equals_reference_forward(served_checkpoint):
             assert math.isclose(served_logprob, float(logprobs[token_id]), abs_tol=1e-4), question
         assert [token_id for _, token_id, _ in first_top] == logprobs.topk(5).indices.tolist()
         assert served["output_ids"] == reference.greedy(
-            prompt.input_ids, memory, prompt.template_tokens, prompt.routing_span, MAX_NEW_TOKENS
+            prompt.input_ids, memory, prompt.template_tokens, prompt.routing_spans, MAX_NEW_TOKENS
         ), question
 
 
@@ -99,6 +99,6 @@ def test_chat_endpoint_uses_the_msa_prompt(served_checkpoint):
         "msa": {"routing_details": True},
     }, timeout=120).json()
     prompt = build_msa_chat_prompt(tokenizer, [{"role": "user", "content": question}], None)
-    _, selections = reference.query(prompt.input_ids, memory, prompt.template_tokens, prompt.routing_span)
+    _, selections = reference.query(prompt.input_ids, memory, prompt.template_tokens, prompt.routing_spans)
     assert {int(k): v["doc_gids"] for k, v in reply["msa"]["layers"].items()} == selections
     assert reply["usage"]["prompt_tokens"] == len(prompt.input_ids)

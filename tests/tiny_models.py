@@ -24,7 +24,7 @@ CORPUS = [
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
-def build_tokenizer(vocab_size: int = 512):
+def build_tokenizer(vocab_size: int = 512, extra_special_tokens: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -33,7 +33,7 @@ def build_tokenizer(vocab_size: int = 512):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(CORPUS, trainer)
@@ -76,13 +76,14 @@ def build_config(arch: str, vocab_size: int, eos_token_id: int, num_layers: int 
     raise ValueError(f"unknown architecture {arch!r}")
 
 
-def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, num_layers: int = 2) -> Path:
+def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, num_layers: int = 2,
+                     extra_special_tokens: tuple[str, ...] = ()) -> Path:
     """Write a tiny random `arch` checkpoint (config, safetensors, tokenizer) to out_dir."""
     import torch
     import transformers
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(extra_special_tokens=extra_special_tokens)
     config = build_config(arch, len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"), num_layers)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -81,17 +81,19 @@ class MSAAttnBackend(TorchNativeAttnBackend):
             q_request = q[rows].view(request.num_new, layer.tp_q_head_num, layer.qk_head_dim)
             state = request.state
             if layer.layer_id not in state.selections:
-                span_start, span_end = state.routing_span
-                if not (request.prefix_len <= span_start and span_end <= request.seq_len):
-                    logger.error("sglang-msa: request's routing span is not in this pass; it gets no memory")
+                spans = state.routing_spans
+                if not (request.prefix_len <= spans[0][0] and spans[-1][1] <= request.seq_len):
+                    logger.error("sglang-msa: request's routing spans are not in this pass; it gets no memory")
                     state.selections[layer.layer_id] = memory_ops.empty_selection(key_buffer)
                 else:
                     queries = q_request if router_q is None else router_q[rows].view(
                         request.num_new, layer.tp_q_head_num, -1
                     )
-                    router_q_span = queries[span_start - request.prefix_len : span_end - request.prefix_len]
+                    routing_queries = torch.cat(
+                        [queries[start - request.prefix_len : end - request.prefix_len] for start, end in spans]
+                    )
                     state.selections[layer.layer_id] = memory_ops.route(
-                        self.service.store, state.params.memory_id, layer.layer_id, router_q_span, options,
+                        self.service.store, state.params.memory_id, layer.layer_id, routing_queries, options,
                         key_buffer,
                     )
             slots = req_to_token[request.row, : request.seq_len].long()

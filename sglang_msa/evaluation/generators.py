@@ -79,27 +79,21 @@ def haystack_text(rng: random.Random, num_words: int, style: Literal["noise", "p
 
 def niah_task(
     variant: str = "single", memory_words: int = 12_000, doc_words: int = 200,
-    style: Literal["noise", "prose"] = "prose", seed: int = 0,
+    style: Literal["noise", "prose"] = "prose", seed: int = 0, num_questions: int = 1,
 ) -> MemoryTask:
     """A memory of ~memory_words words in documents of ~doc_words words, with needles placed in
-    documents at evenly spaced depths, and one question."""
+    documents at evenly spaced depths, and `num_questions` questions (each with needles of its
+    own keys, so one large memory serves several independent questions)."""
     if variant not in NIAH_VARIANTS:
         raise ValueError(f"variant must be one of {NIAH_VARIANTS}, got {variant!r}")
-    rng = random.Random(f"niah-{variant}-{memory_words}-{doc_words}-{style}-{seed}")
+    suffix = "" if num_questions == 1 else f"-{num_questions}q"
+    rng = random.Random(f"niah-{variant}-{memory_words}-{doc_words}-{style}-{seed}{suffix}")
     num_docs = max(4, memory_words // doc_words)
-    keys = [random_key(rng) for _ in range(4)]
-    if variant == "single":
-        needles = [(keys[0], random_value(rng))]
-        asked = [keys[0]]
-    elif variant == "multikey":  # one asked key among distractor keys
-        needles = [(key, random_value(rng)) for key in keys]
-        asked = [keys[0]]
-    elif variant == "multivalue":  # one key, four values
-        needles = [(keys[0], random_value(rng)) for _ in range(4)]
-        asked = [keys[0]]
-    else:  # multiquery
-        needles = [(key, random_value(rng)) for key in keys]
-        asked = keys
+    used_keys: set[str] = set()
+    groups = [_needle_group(rng, variant, used_keys) for _ in range(num_questions)]
+    needles = [needle for group_needles, _ in groups for needle in group_needles]
+    if len(needles) > num_docs:
+        raise ValueError(f"{len(needles)} needles need at least as many documents, got {num_docs}")
     depths = [round((i + 1) * num_docs / (len(needles) + 1)) % num_docs for i in range(len(needles))]
     rng.shuffle(depths)
     texts = [haystack_text(rng, doc_words, style) for _ in range(num_docs)]
@@ -112,14 +106,34 @@ def niah_task(
         texts[depth] = ". ".join(sentences)
         holders.setdefault(key, []).append(f"doc-{depth}")
         values.setdefault(key, []).append(value)
-    if len(asked) == 1:
-        question = f"What are all the special magic numbers for {asked[0]} mentioned in the provided text?"
-    else:
-        question = f"What are all the special magic numbers for {', '.join(asked[:-1])} and {asked[-1]}?"
-    answers = [v for key in asked for v in values[key]]
-    gold = sorted({doc for key in asked for doc in holders[key]})
+    questions = []
+    for _, asked in groups:
+        if len(asked) == 1:
+            question = f"What are all the special magic numbers for {asked[0]} mentioned in the provided text?"
+        else:
+            question = f"What are all the special magic numbers for {', '.join(asked[:-1])} and {asked[-1]}?"
+        answers = [v for key in asked for v in values[key]]
+        gold = sorted({doc for key in asked for doc in holders[key]})
+        questions.append(MemoryQuestion(question, answers, gold))
     documents = [MemoryDocument(f"doc-{i}", text) for i, text in enumerate(texts)]
-    return MemoryTask(f"niah-{variant}", documents, [MemoryQuestion(question, answers, gold)])
+    return MemoryTask(f"niah-{variant}", documents, questions)
+
+
+def _needle_group(rng: random.Random, variant: str, used_keys: set[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """One question's needles (key, value) and the keys it asks; keys never repeat in a task."""
+    keys: list[str] = []
+    while len(keys) < 4:
+        key = random_key(rng)
+        if key not in used_keys:
+            keys.append(key)
+            used_keys.add(key)
+    if variant == "single":
+        return [(keys[0], random_value(rng))], [keys[0]]
+    if variant == "multikey":  # one asked key among distractor keys
+        return [(key, random_value(rng)) for key in keys], [keys[0]]
+    if variant == "multivalue":  # one key, four values
+        return [(keys[0], random_value(rng)) for _ in range(4)], [keys[0]]
+    return [(key, random_value(rng)) for key in keys], keys  # multiquery
 
 
 def multihop_task(num_chains: int = 8, filler_docs: int = 16, seed: int = 0) -> MemoryTask:

@@ -3,9 +3,10 @@
 A request takes part in MSA through `sampling_params.custom_params["msa"]` (a JSON object that
 survives SGLang's IPC), validated here when the scheduler receives the request:
 
-- `{"op": "query", "memory_id": ..., "routing_span": [start, end], "template_tokens": T}`: a
-  question over a memory. Routing runs once at prefill in every routed layer; the selection is
-  frozen for decode.
+- `{"op": "query", "memory_id": ..., "routing_spans": [[start, end], ...], "template_tokens": T}`:
+  a question over a memory; the tokens of the spans route (role 0 of the spec: the question, and
+  in later interleave rounds also the newest injected documents). Routing runs once at prefill in
+  every routed layer; the selection is frozen for decode.
 - `{"op": "ingest", "memory_id": ..., "gid": ...}`: the request's prompt is one document; its
   routed layers are pooled into the memory when its prefill completes.
 """
@@ -29,10 +30,23 @@ class QueryParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     op: Literal["query"] = "query"
     memory_id: str = Field(min_length=1)
-    routing_span: tuple[int, int] | None = Field(
-        None, description="token indices [start, end) of the routing query; default: every token after the template"
+    routing_spans: list[tuple[int, int]] | None = Field(
+        None, min_length=1,
+        description="token index ranges [start, end) whose tokens route; default: every token after the template",
     )
     template_tokens: int = Field(0, ge=0, description="leading prompt tokens that precede the memory")
+
+    def spans_within(self, prompt_len: int) -> list[tuple[int, int]] | str:
+        """The routing spans, or why they are invalid for a prompt of prompt_len tokens: each
+        non-empty, after the template, inside the prompt, ascending and disjoint."""
+        spans = self.routing_spans or [(self.template_tokens, prompt_len)]
+        lower = self.template_tokens
+        for start, end in spans:
+            if not lower <= start < end <= prompt_len:
+                return (f"routing_spans {[list(s) for s in spans]} must be ascending, disjoint, non-empty ranges "
+                        f"within the prompt's tokens [{self.template_tokens}, {prompt_len})")
+            lower = end
+        return [tuple(span) for span in spans]
 
 
 class IngestParams(BaseModel):
@@ -65,7 +79,7 @@ class QueryState:
     params: QueryParams
     prompt_len: int
     position_offset: int
-    routing_span: tuple[int, int]
+    routing_spans: list[tuple[int, int]]
     selections: dict[int, LayerSelection] = field(default_factory=dict)
     last_access: float = field(default_factory=time.monotonic)
 

@@ -112,12 +112,12 @@ class MemoryService:
             return f"a memory query must fit one prefill pass: {prompt_len} tokens > chunked_prefill_size {limit}"
         if params.template_tokens >= prompt_len:
             return f"template_tokens={params.template_tokens} leaves no local tokens in a {prompt_len}-token prompt"
-        span = params.routing_span or (params.template_tokens, prompt_len)
-        if not (params.template_tokens <= span[0] < span[1] <= prompt_len):
-            return f"routing_span {list(span)} must lie within the prompt's tokens [{params.template_tokens}, {prompt_len})"
+        spans = params.spans_within(prompt_len)
+        if isinstance(spans, str):
+            return spans
         self.registry.put(
             req.rid,
-            QueryState(params=params, prompt_len=prompt_len, routing_span=tuple(span),
+            QueryState(params=params, prompt_len=prompt_len, routing_spans=spans,
                        position_offset=self.position_offset(params.memory_id)),
         )
         _bypass_prefix_cache(req)  # upper-layer KV depends on the selection: never share it

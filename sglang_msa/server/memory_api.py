@@ -15,8 +15,17 @@ from fastapi.responses import JSONResponse
 from sglang_msa.config import MSAOptions
 from sglang_msa.memory_manager import protocol
 from sglang_msa.memory_manager.client import AsyncControlClient
+from sglang_msa.memory_manager.requests import QueryParams
 from sglang_msa.memory_manager.store import MemoryOperationError
 from sglang_msa.server import schemas
+from sglang_msa.server.interleave import (
+    ROUND_SAMPLING_PARAMS,
+    InterleaveLimits,
+    InterleavePrompts,
+    RoundOutput,
+    extract_answer,
+    run_interleave,
+)
 from sglang_msa.server.metadata import DocumentRecord, MetadataStore
 from sglang_msa.models.msa_config import MSA_MODEL_TYPE, wrap_document
 from sglang_msa.server.prompting import (
@@ -66,6 +75,14 @@ def finish_reason(meta_info: dict) -> str | None:
     return "length" if kind == "length" else "stop"
 
 
+def with_answer(injection: dict, text: str) -> dict:
+    """The injection report; after Memory Interleave it adds the answer the model wrote after
+    "The answer to the question is:" (spec §10)."""
+    if "interleave" not in injection:
+        return injection
+    return {**injection, "interleave": {**injection["interleave"], "answer": extract_answer(text)}}
+
+
 class MemoryAPI:
     """Memory operations over a running SGLang TokenizerManager (server or Engine process)."""
 
@@ -77,6 +94,7 @@ class MemoryAPI:
         self.control = AsyncControlClient(tokenizer_manager.server_args.port)
         hf_config = tokenizer_manager.model_config.hf_config
         self.is_msa_checkpoint = getattr(hf_config, "model_type", None) == MSA_MODEL_TYPE
+        self.interleave_prompts = InterleavePrompts(self.tokenizer) if self.is_msa_checkpoint else None
 
     async def control_request(self, message) -> dict:
         try:
@@ -229,16 +247,59 @@ class MemoryAPI:
 
     # ------------------------------------------------------------------------------ queries
     async def chat_prompt(self, memory_id: str, body: schemas.MemoryChatRequest) -> tuple[MemoryPrompt, dict]:
-        """The prompt of the answer, and what injection rounds added (empty without injection)."""
-        self.require_memory(memory_id)
         messages = [message.model_dump(include={"role", "content"}) for message in body.messages]
-        if body.msa.inject_documents == 0:
+        return await self.query_prompt(memory_id, messages, body.msa)
+
+    async def query_prompt(self, memory_id: str, messages: list[dict],
+                           options: schemas.MemoryOptions) -> tuple[MemoryPrompt, dict]:
+        """The prompt of the answer, and what injection or interleave rounds added (empty without)."""
+        self.require_memory(memory_id)
+        if options.interleave:
+            return await self.interleave(memory_id, messages, options)
+        if options.inject_documents == 0:
             build = build_msa_chat_prompt if self.is_msa_checkpoint else build_chat_prompt
-            return build(self.tokenizer, messages, body.msa.routing_text), {}
+            return build(self.tokenizer, messages, options.routing_text), {}
         if self.is_msa_checkpoint:
             raise APIError(422, "router-driven injection is for training-free models; MSA checkpoints "
-                           "retrieve by generating document ids (Memory Interleave)", "msa.inject_documents")
-        return await self.inject_documents(memory_id, messages, body.msa)
+                           "retrieve by generating document ids (msa.interleave)", "msa.inject_documents")
+        return await self.inject_documents(memory_id, messages, options)
+
+    async def interleave(self, memory_id: str, messages: list[dict],
+                         options: schemas.MemoryOptions) -> tuple[MemoryPrompt, dict]:
+        """Memory Interleave (MSA checkpoints): retrieval rounds in which the model writes document
+        ids and the server injects their text, then the answer prompt (`interleave.py`)."""
+        if not self.is_msa_checkpoint:
+            raise APIError(422, "Memory Interleave needs an MSA checkpoint (trained to generate document ids); "
+                           "training-free models use msa.inject_documents", "msa.interleave")
+        if options.inject_documents or options.routing_text is not None:
+            param = "msa.inject_documents" if options.inject_documents else "msa.routing_text"
+            raise APIError(422, "interleave builds its own prompts and routing; it does not combine with "
+                           f"{param}", param)
+        max_rounds = options.max_rounds or self.options.max_interleave_rounds
+        if max_rounds > self.options.max_interleave_rounds:
+            raise APIError(422, f"max_rounds {max_rounds} exceeds the server's max_interleave_rounds "
+                           f"{self.options.max_interleave_rounds}", "msa.max_rounds")
+        questions = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
+        if not questions:
+            raise APIError(422, "a memory query needs a non-empty user message", "messages")
+
+        async def generate_round(prompt: MemoryPrompt) -> RoundOutput:
+            rid = f"msa-round-{uuid.uuid4().hex}"
+            try:
+                out = await self.generate(prompt.input_ids, ROUND_SAMPLING_PARAMS,
+                                          self.query_params(memory_id, prompt), rid).__anext__()
+            except ValueError as exc:
+                raise APIError(400, str(exc)) from exc
+            return RoundOutput(out["output_ids"], await self.retrieved(memory_id, rid, options.routing_details))
+
+        def documents(gids: list[int]) -> dict[int, tuple[str, str]]:
+            records = self.metadata.documents_by_gid(memory_id, gids)
+            return {gid: (record.doc_id, record.text) for gid, record in records.items()}
+
+        limits = InterleaveLimits(max_rounds=max_rounds, max_injected_tokens=self.options.max_injected_tokens)
+        result = await run_interleave(self.interleave_prompts, questions[-1], limits, generate_round, documents)
+        injected = [{"doc_id": result.doc_ids[gid], "gid": gid} for r in result.rounds for gid in r.gids]
+        return result.answer_prompt, {"interleave": result.report(), "injected": injected}
 
     async def route_only(self, memory_id: str, prompt: MemoryPrompt) -> list[int]:
         """Prefill the prompt over the memory and return the documents its routing ranked."""
@@ -283,7 +344,7 @@ class MemoryAPI:
 
     @staticmethod
     def query_params(memory_id: str, prompt: MemoryPrompt) -> dict:
-        return {"op": "query", "memory_id": memory_id, "routing_span": list(prompt.routing_span),
+        return {"op": "query", "memory_id": memory_id, "routing_spans": [list(span) for span in prompt.routing_spans],
                 "template_tokens": prompt.template_tokens}
 
     async def chat(self, memory_id: str, body: schemas.MemoryChatRequest, created: int) -> dict:
@@ -303,7 +364,8 @@ class MemoryAPI:
                          "finish_reason": finish_reason(meta)}],
             "usage": {"prompt_tokens": meta["prompt_tokens"], "completion_tokens": meta["completion_tokens"],
                       "total_tokens": meta["prompt_tokens"] + meta["completion_tokens"]},
-            "msa": {**await self.retrieved(memory_id, rid, body.msa.routing_details), **injection},
+            "msa": {**await self.retrieved(memory_id, rid, body.msa.routing_details),
+                    **with_answer(injection, out["text"])},
         }
 
     async def generate_over_memory(self, memory_id: str, body: schemas.MemoryGenerateRequest) -> dict:
@@ -312,19 +374,24 @@ class MemoryAPI:
         if (body.text is None) == (body.input_ids is None):
             raise APIError(422, "give exactly one of text and input_ids", "text")
         options = body.msa
-        if body.text is not None:
-            if options.routing_span is not None or options.template_tokens is not None:
-                raise APIError(422, "routing_span and template_tokens need input_ids", "msa.routing_span")
+        injection = {}
+        if options.interleave or options.inject_documents:
+            if body.text is None:
+                raise APIError(422, "interleave and inject_documents take the question as text", "input_ids")
+            prompt, injection = await self.query_prompt(memory_id, [{"role": "user", "content": body.text}], options)
+        elif body.text is not None:
+            if options.routing_spans is not None or options.template_tokens is not None:
+                raise APIError(422, "routing_spans and template_tokens need input_ids", "msa.routing_spans")
             prompt = build_prompt(self.tokenizer, body.text, options.routing_text or body.text, "msa.routing_text")
         else:
             if options.routing_text is not None:
                 raise APIError(422, "routing_text needs a text prompt", "msa.routing_text")
-            template = options.template_tokens or 0
-            span = options.routing_span or (template, len(body.input_ids))
-            if not template <= span[0] < span[1] <= len(body.input_ids):
-                raise APIError(422, f"routing_span must lie within [{template}, {len(body.input_ids)})",
-                               "msa.routing_span")
-            prompt = MemoryPrompt(body.input_ids, tuple(span), template)
+            params = QueryParams(memory_id=memory_id, routing_spans=options.routing_spans,
+                                 template_tokens=options.template_tokens or 0)
+            spans = params.spans_within(len(body.input_ids))
+            if isinstance(spans, str):
+                raise APIError(422, spans, "msa.routing_spans")
+            prompt = MemoryPrompt(body.input_ids, tuple(spans), params.template_tokens)
         rid = f"msa-generate-{uuid.uuid4().hex}"
         try:
             out = await self.generate(
@@ -333,4 +400,5 @@ class MemoryAPI:
             ).__anext__()
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
-        return {**out, "msa": await self.retrieved(memory_id, rid, body.msa.routing_details)}
+        return {**out, "msa": {**await self.retrieved(memory_id, rid, body.msa.routing_details),
+                               **with_answer(injection, out["text"])}}

@@ -14,7 +14,7 @@ class PromptError(ValueError):
 @dataclass(frozen=True)
 class MemoryPrompt:
     input_ids: list[int]
-    routing_span: tuple[int, int]  # token indices [start, end)
+    routing_spans: tuple[tuple[int, int], ...]  # token index ranges [start, end) that route
     template_tokens: int = 0  # leading tokens that precede the memory (MSA checkpoints: the template head)
 
 
@@ -36,7 +36,7 @@ def build_prompt(tokenizer, prompt_text: str, routing_text: str, param: str) -> 
     span = char_span_to_token_span(encoded["offset_mapping"], start, start + len(routing_text))
     if span is None:
         raise PromptError("the routing text covers no token of the prompt", param)
-    return MemoryPrompt(input_ids=list(encoded["input_ids"]), routing_span=span)
+    return MemoryPrompt(input_ids=list(encoded["input_ids"]), routing_spans=(span,))
 
 
 def build_chat_prompt(tokenizer, messages: list[dict], routing_text: str | None) -> MemoryPrompt:
@@ -74,9 +74,9 @@ def build_msa_chat_prompt(tokenizer, messages: list[dict], routing_text: str | N
         prompt = build_prompt(tokenizer, prompt_text, routing_text, "msa.routing_text")
     else:
         prompt = build_prompt(tokenizer, prompt_text, routed_part, "messages")
-    if prompt.routing_span[0] < template_tokens:
+    if prompt.routing_spans[0][0] < template_tokens:
         raise PromptError("the routing text overlaps the template", "msa.routing_text")
-    return MemoryPrompt(prompt.input_ids, prompt.routing_span, template_tokens)
+    return MemoryPrompt(prompt.input_ids, prompt.routing_spans, template_tokens)
 
 
 def injected_question(older: list[str], newest: list[str], question: str) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from sglang_msa.config import load_options
 from sglang_msa.server import schemas
-from sglang_msa.server.memory_api import APIError, MemoryAPI, chat_sampling_params, finish_reason
+from sglang_msa.server.memory_api import APIError, MemoryAPI, chat_sampling_params, finish_reason, with_answer
 from sglang_msa.server.prompting import PromptError
 
 router = APIRouter(prefix="/v1/memories", tags=["memories"])
@@ -133,18 +133,18 @@ async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = Mem
 
     async def events():
         yield event({"role": "assistant", "content": ""})
-        sent, finish = 0, None
+        text, finish = "", None
         try:
             async for out in outputs:
-                if len(out["text"]) > sent:
-                    yield event({"content": out["text"][sent:]})
-                    sent = len(out["text"])
+                if len(out["text"]) > len(text):
+                    yield event({"content": out["text"][len(text):]})
+                    text = out["text"]
                 finish = finish_reason(out["meta_info"]) or finish
         except ValueError as exc:
             yield f"data: {json.dumps(APIError(400, str(exc)).body())}\n\n".encode()
         else:
             retrieved = await api.retrieved(memory_id, rid, body.msa.routing_details)
-            yield event({}, finish or "stop", msa={**retrieved, **injection})
+            yield event({}, finish or "stop", msa={**retrieved, **with_answer(injection, text)})
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -45,8 +45,10 @@ class MemoryOptions(BaseModel):
         None, min_length=1, description="the prompt text whose tokens route (default: the last user message)"
     )
     routing_details: bool = Field(False, description="report each routed layer's selected documents and scores")
-    routing_span: tuple[int, int] | None = Field(
-        None, description="with input_ids: token indices [start, end) that route (default: all after the template)"
+    routing_spans: list[tuple[int, int]] | None = Field(
+        None, min_length=1,
+        description="with input_ids: ascending, disjoint token index ranges [start, end) whose tokens route "
+        "(default: all after the template)",
     )
     template_tokens: int | None = Field(
         None, ge=0, description="with input_ids: leading tokens that precede the memory (MSA template head)"
@@ -58,6 +60,15 @@ class MemoryOptions(BaseModel):
     )
     inject_rounds: int = Field(
         1, ge=1, le=4, description="injection rounds; a later round routes on the documents injected last"
+    )
+    interleave: bool = Field(
+        False,
+        description="MSA checkpoints: Memory Interleave — the model generates document ids, the server injects "
+        "those documents' original text and routes again, round after round, then the model answers",
+    )
+    max_rounds: int | None = Field(
+        None, ge=1, description="interleave: retrieval rounds at most (default and cap: the server's "
+        "max_interleave_rounds)",
     )
 
 
