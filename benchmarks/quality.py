@@ -31,6 +31,7 @@ from sglang_msa.server_process import start_server
 
 TOKENS_PER_WORD = 1.6  # word-list prose with this tokenizer; the table reports measured tokens
 SYSTEMS = ("dense", "rag", "msa", "msa+inject")
+INGEST_BATCH = 512  # documents per request (the server's max_documents_per_request is 1024)
 
 
 def chat(url: str, path: str, content: str, max_tokens: int, msa: dict | None = None) -> dict:
@@ -50,11 +51,14 @@ def answer_text(reply: dict) -> str:
 def evaluate_task(url: str, task, memory_id: str, retriever: MiniLMRetriever, args, context_limit: int) -> dict:
     requests.post(f"{url}/v1/memories", json={"memory_id": memory_id}, timeout=60).raise_for_status()
     started = time.perf_counter()
-    response = requests.post(f"{url}/v1/memories/{memory_id}/documents", json={
-        "documents": [{"text": d.text, "doc_id": d.doc_id} for d in task.documents]}, timeout=7200)
-    response.raise_for_status()
+    memory_tokens = 0
+    for first in range(0, len(task.documents), INGEST_BATCH):
+        response = requests.post(f"{url}/v1/memories/{memory_id}/documents", json={
+            "documents": [{"text": d.text, "doc_id": d.doc_id} for d in task.documents[first:first + INGEST_BATCH]]},
+            timeout=7200)
+        response.raise_for_status()
+        memory_tokens += sum(d["num_tokens"] for d in response.json()["documents"])
     ingest_s = time.perf_counter() - started
-    memory_tokens = sum(d["num_tokens"] for d in response.json()["documents"])
     retriever.index([d.doc_id for d in task.documents], [d.text for d in task.documents])
     texts = {d.doc_id: d.text for d in task.documents}
     results = []

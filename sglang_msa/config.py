@@ -50,6 +50,16 @@ class MSAOptions(BaseModel):
     max_documents_per_request: int = Field(1024, ge=1)
     max_injected_tokens: int = Field(2048, ge=1, description="original text injected into one request, at most")
     max_interleave_rounds: int = Field(8, ge=1, le=64, description="Memory Interleave retrieval rounds, at most")
+    memory_dir: str | None = Field(
+        None,
+        description="directory where memories persist (SQLite metadata + one safetensors file per document); "
+        "a server restarted on it comes back with every acknowledged document. Also `--msa-memory-dir`",
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description='JSON file {"keys": {"<api key>": "<tenant>"}}: the memory API then needs a key, and a '
+        "tenant reaches only the memories it created (also enforced in the scheduler)",
+    )
     memory_budget_mb: float = Field(
         1024.0, gt=0, description="bytes all memories may hold in the server; ingestion beyond is refused"
     )

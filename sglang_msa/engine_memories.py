@@ -17,13 +17,15 @@ import time
 
 from sglang_msa.config import load_options
 from sglang_msa.server import schemas
-from sglang_msa.server.memory_api import APIError, MemoryAPI
+from sglang_msa.server.errors import APIError
+from sglang_msa.server.memory_api import MemoryAPI
 
 
 class EngineMemories:
     def __init__(self, engine):
         self._api = MemoryAPI(engine.tokenizer_manager, load_options())
         self._loop = engine.loop
+        self._run(self._api.reconcile())
 
     def _run(self, coroutine):
         return self._loop.run_until_complete(coroutine)
@@ -46,6 +48,9 @@ class EngineMemories:
         if status != 201:
             raise APIError(status, content["error"]["message"], "documents")
         return content
+
+    def list_documents(self, memory_id: str, limit: int = 100, offset: int = 0) -> dict:
+        return self._api.list_documents(memory_id, limit, offset)
 
     def get_document(self, memory_id: str, doc_id: str) -> dict:
         return self._api.get_document(memory_id, doc_id)

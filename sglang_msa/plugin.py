@@ -89,18 +89,33 @@ def add_msa_cli_args(result, parser, *args, **kwargs):
         "--msa-config", type=str, default=None,
         help="sglang-msa options: a JSON object or the path of a JSON file (see sglang_msa/config.py)",
     )
+    parser.add_argument(
+        "--msa-memory-dir", type=str, default=None,
+        help="sglang-msa: directory where memories persist across restarts (the option memory_dir)",
+    )
     return result
 
 
 def take_msa_cli_args(*args, **kwargs):
-    """Validate `--msa-config` and hand it to the server's processes through the environment."""
+    """Validate `--msa-config` / `--msa-memory-dir` and hand the options to the server's
+    processes through the environment."""
     from sglang_msa.config import CONFIG_ENV, parse_options
 
     namespace = next((a for a in (*args, *kwargs.values()) if isinstance(a, argparse.Namespace)), None)
     value = getattr(namespace, "msa_config", None)
-    if value:
-        parse_options(value)  # fail at start-up with pydantic's message, not later in a child
-        os.environ[CONFIG_ENV] = value
+    memory_dir = getattr(namespace, "msa_memory_dir", None)
+    if value or memory_dir:
+        options = parse_options(value or "{}")  # fail at start-up with pydantic's message, not in a child
+        if memory_dir:
+            options = options.model_copy(update={"memory_dir": os.path.abspath(memory_dir)})
+        if options.api_keys_file:
+            from sglang_msa.memory_manager.grants import ensure_secret
+            from sglang_msa.server.auth import load_api_keys
+
+            options = options.model_copy(update={"api_keys_file": os.path.abspath(options.api_keys_file)})
+            load_api_keys(options.api_keys_file)  # a bad file stops the launch here, with its reason
+            ensure_secret()  # before the scheduler starts: it inherits the environment
+        os.environ[CONFIG_ENV] = options.model_dump_json(exclude_defaults=True)
     return None
 
 

@@ -13,7 +13,7 @@ def main() -> None:
     import sglang
 
     from sglang_msa.engine_memories import EngineMemories
-    from sglang_msa.server.memory_api import APIError
+    from sglang_msa.server.errors import APIError
 
     engine = sglang.Engine(model_path=sys.argv[1], attention_backend="msa", device="cpu", max_total_tokens=8192,
                            log_level="warning", port=int(sys.argv[2]))

@@ -46,8 +46,9 @@ class Harness:
         r2t = parts.ReqToTokenPool(size=16, max_context_len=256, device="cpu", enable_memory_saver=False)
         runner = types.SimpleNamespace(
             device="cpu", req_to_token_pool=r2t, token_to_kv_pool=kv,
-            model_config=types.SimpleNamespace(num_hidden_layers=1, hf_config=types.SimpleNamespace(model_type="llama")),
-            server_args=types.SimpleNamespace(port=free_port(), chunked_prefill_size=None),
+            model_config=types.SimpleNamespace(num_hidden_layers=1, dtype=torch.float32,
+                                               hf_config=types.SimpleNamespace(model_type="llama")),
+            server_args=types.SimpleNamespace(port=free_port(), chunked_prefill_size=None, model_path="tiny"),
         )
         facts = service_module.ModelFacts(num_layers=1, msa_config=None, max_prefill_tokens=None)
         service_module._service = service_module.MemoryService(options, facts)  # this test's options
@@ -58,9 +59,12 @@ class Harness:
         self.next_slot, self.next_row = 1, 1
 
     def new_request(self, length: int):
+        """A request row and KV slots; both wrap around (earlier requests are finished by then)."""
+        if self.next_slot + length > self.pool.size:
+            self.next_slot = 1
         row, slots = self.next_row, torch.arange(self.next_slot, self.next_slot + length)
         self.r2t.req_to_token[row, :length] = slots.to(torch.int32)
-        self.next_row += 1
+        self.next_row = self.next_row % (self.r2t.size - 1) + 1
         self.next_slot += length
         return row, slots
 

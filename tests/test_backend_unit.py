@@ -37,8 +37,9 @@ def make_runner(parts):
     return types.SimpleNamespace(
         device="cpu", req_to_token_pool=r2t, token_to_kv_pool=kv,
         # a one-layer model: with the default routed_layers="upper_half", layer 0 is routed
-        model_config=types.SimpleNamespace(num_hidden_layers=1, hf_config=types.SimpleNamespace(model_type="llama")),
-        server_args=types.SimpleNamespace(port=free_port(), chunked_prefill_size=None),
+        model_config=types.SimpleNamespace(num_hidden_layers=1, dtype=torch.float32,
+                                               hf_config=types.SimpleNamespace(model_type="llama")),
+        server_args=types.SimpleNamespace(port=free_port(), chunked_prefill_size=None, model_path="tiny"),
     )
 
 

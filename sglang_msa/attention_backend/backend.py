@@ -111,8 +111,11 @@ class MSAAttnBackend(TorchNativeAttnBackend):
 def _model_facts(model_runner) -> ModelFacts:
     config = model_runner.model_config.hf_config
     chunked = model_runner.server_args.chunked_prefill_size
+    num_layers = model_runner.model_config.num_hidden_layers
     return ModelFacts(
-        num_layers=model_runner.model_config.num_hidden_layers,
+        num_layers=num_layers,
         msa_config=getattr(config, "msa_config", None) if getattr(config, "model_type", None) == "msa" else None,
         max_prefill_tokens=chunked if chunked and chunked > 0 else None,
+        model_identity={"model": model_runner.server_args.model_path, "num_layers": num_layers,
+                        "dtype": str(model_runner.model_config.dtype)},
     )

@@ -35,6 +35,7 @@ class QueryParams(BaseModel):
         description="token index ranges [start, end) whose tokens route; default: every token after the template",
     )
     template_tokens: int = Field(0, ge=0, description="leading prompt tokens that precede the memory")
+    grant: str | None = Field(None, description="with API keys: the memory API's grant (grants.py)")
 
     def spans_within(self, prompt_len: int) -> list[tuple[int, int]] | str:
         """The routing spans, or why they are invalid for a prompt of prompt_len tokens: each
@@ -54,6 +55,7 @@ class IngestParams(BaseModel):
     op: Literal["ingest"]
     memory_id: str = Field(min_length=1)
     gid: int = Field(ge=0)
+    grant: str | None = None
 
 
 RequestParams = Annotated[Union[QueryParams, IngestParams], Field(discriminator="op")]

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 from pydantic import ValidationError
 
 from sglang_msa.config import MSAOptions, load_options
-from sglang_msa.memory_manager import protocol
+from sglang_msa.memory_manager import grants, protocol
+from sglang_msa.memory_manager.persistence import DocumentArchive
 from sglang_msa.memory_manager.requests import (
     CUSTOM_PARAMS_KEY,
     IngestParams,
@@ -38,6 +39,7 @@ class ModelFacts:
     num_layers: int
     msa_config: dict | None  # the checkpoint's msa_config (MSA format); None for training-free models
     max_prefill_tokens: int | None  # a query's prompt must fit one prefill pass
+    model_identity: dict = field(default_factory=dict)  # what persisted memories must match (model, dtype)
 
     @property
     def is_msa_checkpoint(self) -> bool:
@@ -53,6 +55,7 @@ def start_service(facts: ModelFacts, port: int, options: MSAOptions | None = Non
     global _service
     if _service is None:
         _service = MemoryService(options or load_options(), facts)
+        _service.restore_memories()
         _service.start_control_thread(protocol.control_address(port))
     return _service
 
@@ -70,13 +73,32 @@ class MemoryService:
         self.options = options
         self.facts = facts
         self.routed_layers = options.routed_layer_ids(facts.num_layers)
-        self.store = MemoryStore(int(options.memory_budget_mb * 2**20), options.chunk_size)
+        self.store = MemoryStore(int(options.memory_budget_mb * 2**20), options.chunk_size, self._open_archive())
         self.registry = RequestRegistry()
         self._control_thread: threading.Thread | None = None
         logger.info(
             "sglang-msa: routed layers %s, top_k_docs=%d, chunk_size=%d, memory_content=%s",
             self.routed_layers, options.top_k_docs, options.chunk_size, options.memory_content,
         )
+
+    def _open_archive(self) -> DocumentArchive | None:
+        if self.options.memory_dir is None:
+            return None
+        options = self.options
+        fingerprint = {**self.facts.model_identity, "routed_layers": self.routed_layers,
+                       "chunk_size": options.chunk_size, "memory_content": options.memory_content,
+                       "msa_checkpoint": self.facts.is_msa_checkpoint}
+        return DocumentArchive(options.memory_dir, fingerprint)
+
+    def restore_memories(self) -> None:
+        """Load what the memory directory holds (start-up)."""
+        archive = self.store.backing
+        if archive is None:
+            return
+        memories = archive.load()
+        self.store.restore(memories)
+        logger.info("sglang-msa: restored %d memories, %d documents (%.1f MiB) from %s", len(memories),
+                    sum(len(docs) for _, docs in memories.values()), self.store.used_bytes() / 2**20, archive.root)
 
     # ------------------------------------------------------------------ admission
     def admit_request(self, req) -> str | None:
@@ -93,6 +115,10 @@ class MemoryService:
         prompt_len = len(req.origin_input_ids)
         if not self.store.exists(params.memory_id):
             return f"memory {params.memory_id!r} does not exist"
+        if self.options.api_keys_file is not None and not grants.verify(
+            self.store.owner(params.memory_id), params.memory_id, params.grant
+        ):
+            return f"no grant for memory {params.memory_id!r}: with API keys, memories are reached through /v1/memories"
         if isinstance(params, IngestParams):
             return self._admit_ingest(req, params, prompt_len)
         return self._admit_query(req, params, prompt_len)
@@ -160,7 +186,7 @@ class MemoryService:
     def handle(self, message) -> dict:
         store = self.store
         if isinstance(message, protocol.CreateMemory):
-            return {"created": store.create(message.memory_id)}
+            return {"created": store.create(message.memory_id, message.owner)}
         if isinstance(message, protocol.DropMemory):
             return {"dropped": store.drop(message.memory_id)}
         if isinstance(message, protocol.RemoveDocument):
@@ -169,6 +195,10 @@ class MemoryService:
             return store.stats(message.memory_id)
         if isinstance(message, protocol.TakeReport):
             return self.take_report(message.rid)
+        if isinstance(message, protocol.ListContents):
+            return {"memories": store.contents()}
+        if isinstance(message, protocol.StoreStats):
+            return {"memories": store.all_stats(), "budget_bytes": store.budget_bytes}
         raise ValueError(f"unhandled message {message!r}")
 
     def take_report(self, rid: str) -> dict:

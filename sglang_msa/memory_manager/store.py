@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -66,6 +67,7 @@ class RoutingView:
 @dataclass
 class Memory:
     memory_id: str
+    owner: str | None = None  # the tenant whose grants reach it (API keys enabled)
     documents: dict[int, StoredDocument] = field(default_factory=dict)
     version: int = 0
     _views: dict[int, RoutingView] = field(default_factory=dict)
@@ -78,21 +80,33 @@ class Memory:
         return max((doc.num_tokens for doc in self.documents.values()), default=0)
 
 
+class DurableBacking(Protocol):
+    """Where committed memories are also written (`persistence.DocumentArchive`), if anywhere."""
+
+    def create_memory(self, memory_id: str, owner: str | None) -> None: ...
+    def drop_memory(self, memory_id: str) -> None: ...
+    def write_document(self, memory_id: str, doc: StoredDocument) -> None: ...
+    def remove_document(self, memory_id: str, gid: int) -> None: ...
+
+
 class MemoryStore:
-    def __init__(self, budget_bytes: int, chunk_size: int):
+    def __init__(self, budget_bytes: int, chunk_size: int, backing: DurableBacking | None = None):
         self.budget_bytes = budget_bytes
         self.chunk_size = chunk_size
+        self.backing = backing
         self._memories: dict[str, Memory] = {}
         self._used_bytes = 0
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ control operations
-    def create(self, memory_id: str) -> bool:
+    def create(self, memory_id: str, owner: str | None = None) -> bool:
         """Create an empty memory; False if it already exists."""
         with self._lock:
             if memory_id in self._memories:
                 return False
-            self._memories[memory_id] = Memory(memory_id)
+            if self.backing is not None:
+                self.backing.create_memory(memory_id, owner)
+            self._memories[memory_id] = Memory(memory_id, owner)
             return True
 
     def drop(self, memory_id: str) -> bool:
@@ -100,6 +114,8 @@ class MemoryStore:
             memory = self._memories.pop(memory_id, None)
             if memory is None:
                 return False
+            if self.backing is not None:
+                self.backing.drop_memory(memory_id)
             self._used_bytes -= memory.nbytes()
             return True
 
@@ -109,12 +125,15 @@ class MemoryStore:
             doc = memory.documents.pop(gid, None)
             if doc is None:
                 return False
+            if self.backing is not None:
+                self.backing.remove_document(memory_id, gid)
             self._used_bytes -= doc.nbytes()
             memory.version += 1
             return True
 
     def commit_document(self, memory_id: str, doc: StoredDocument) -> None:
-        """Make a fully pooled document visible to routing (all routed layers at once)."""
+        """Make a fully pooled document visible to routing (all routed layers at once), after
+        it is durable when the store has a backing."""
         with self._lock:
             memory = self._require(memory_id)
             if doc.gid in memory.documents:
@@ -125,14 +144,31 @@ class MemoryStore:
                     f"memory budget exhausted: {self._used_bytes + size} bytes needed, "
                     f"memory_budget_mb allows {self.budget_bytes}", 507,
                 )
-            memory.documents[doc.gid] = doc
-            memory.version += 1
-            self._used_bytes += size
+            if self.backing is not None:
+                self.backing.write_document(memory_id, doc)
+            self._insert(memory, doc)
+
+    def restore(self, memories: dict[str, tuple[str | None, list[StoredDocument]]]) -> None:
+        """Load memories read back from the backing (start-up): {id: (owner, documents)}."""
+        with self._lock:
+            for memory_id, (owner, docs) in memories.items():
+                memory = self._memories.setdefault(memory_id, Memory(memory_id, owner))
+                for doc in docs:
+                    self._insert(memory, doc)
+
+    def _insert(self, memory: Memory, doc: StoredDocument) -> None:
+        memory.documents[doc.gid] = doc
+        memory.version += 1
+        self._used_bytes += doc.nbytes()
 
     # ------------------------------------------------------------------ reads
     def exists(self, memory_id: str) -> bool:
         with self._lock:
             return memory_id in self._memories
+
+    def owner(self, memory_id: str) -> str | None:
+        with self._lock:
+            return self._require(memory_id).owner
 
     def has_document(self, memory_id: str, gid: int) -> bool:
         with self._lock:
@@ -160,6 +196,15 @@ class MemoryStore:
             memory = self._require(memory_id)
             return [memory.documents[gid] for gid in gids]
 
+    def contents(self) -> dict[str, list[int]]:
+        """Every memory and its document ids."""
+        with self._lock:
+            return {memory_id: sorted(memory.documents) for memory_id, memory in self._memories.items()}
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._used_bytes
+
     def stats(self, memory_id: str) -> dict:
         with self._lock:
             memory = self._require(memory_id)
@@ -169,6 +214,10 @@ class MemoryStore:
                 "chunks": sum(doc.num_chunks for doc in memory.documents.values()),
                 "bytes": memory.nbytes(),
             }
+
+    def all_stats(self) -> dict[str, dict]:
+        with self._lock:
+            return {memory_id: self.stats(memory_id) for memory_id in self._memories}
 
     def _require(self, memory_id: str) -> Memory:
         memory = self._memories.get(memory_id)

@@ -8,16 +8,18 @@ batches them with everything else.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
-
-from fastapi.responses import JSONResponse
+from pathlib import Path
 
 from sglang_msa.config import MSAOptions
-from sglang_msa.memory_manager import protocol
+from sglang_msa.memory_manager import grants, protocol
 from sglang_msa.memory_manager.client import AsyncControlClient
 from sglang_msa.memory_manager.requests import QueryParams
 from sglang_msa.memory_manager.store import MemoryOperationError
 from sglang_msa.server import schemas
+from sglang_msa.server.auth import caller_tenant, load_api_keys
+from sglang_msa.server.errors import APIError
 from sglang_msa.server.interleave import (
     ROUND_SAMPLING_PARAMS,
     InterleaveLimits,
@@ -37,21 +39,8 @@ from sglang_msa.server.prompting import (
 )
 
 DEFAULT_MAX_NEW_TOKENS = 256
-
-
-class APIError(Exception):
-    """A refused memory operation: HTTP status, message, and the request field at fault."""
-
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-    def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content=self.body())
+METADATA_FILE = "metadata.sqlite3"  # beside the scheduler's tensors/ in the memory directory
+logger = logging.getLogger(__name__)
 
 
 def chat_sampling_params(body: schemas.MemoryChatRequest) -> dict:
@@ -75,6 +64,13 @@ def finish_reason(meta_info: dict) -> str | None:
     return "length" if kind == "length" else "stop"
 
 
+def metadata_path(options: MSAOptions) -> str | Path:
+    if options.memory_dir is None:
+        return ":memory:"
+    Path(options.memory_dir).mkdir(parents=True, exist_ok=True)
+    return Path(options.memory_dir) / METADATA_FILE
+
+
 def with_answer(injection: dict, text: str) -> dict:
     """The injection report; after Memory Interleave it adds the answer the model wrote after
     "The answer to the question is:" (spec §10)."""
@@ -90,11 +86,42 @@ class MemoryAPI:
         self.tokenizer_manager = tokenizer_manager
         self.tokenizer = tokenizer_manager.tokenizer
         self.options = options
-        self.metadata = MetadataStore()
+        self.metadata = MetadataStore(metadata_path(options))
         self.control = AsyncControlClient(tokenizer_manager.server_args.port)
         hf_config = tokenizer_manager.model_config.hf_config
         self.is_msa_checkpoint = getattr(hf_config, "model_type", None) == MSA_MODEL_TYPE
         self.interleave_prompts = InterleavePrompts(self.tokenizer) if self.is_msa_checkpoint else None
+        self.api_keys = load_api_keys(options.api_keys_file) if options.api_keys_file else None
+        self.keys_enabled = self.api_keys is not None
+
+    async def reconcile(self) -> None:
+        """Make the metadata and the scheduler's memories agree (start-up, before any request).
+
+        With a memory directory, a crash can leave tensors of a document whose acknowledgement
+        never happened (written, not yet recorded) or a record whose deletion was under way
+        (forgotten, tensors not yet removed). A document counts when both halves exist; the rest
+        is removed, so nothing unacknowledged appears and nothing deleted comes back.
+        """
+        held = (await self.control_request(protocol.ListContents()))["memories"]
+        recorded, owners = self.metadata.contents(), self.metadata.owners()
+        dropped = removed = forgotten = 0
+        for memory_id in held.keys() - recorded.keys():
+            await self.control_request(protocol.DropMemory(memory_id=memory_id))
+            dropped += 1
+        for memory_id, gids in recorded.items():
+            if memory_id not in held:
+                await self.control_request(protocol.CreateMemory(memory_id=memory_id, owner=owners[memory_id]))
+            tensors = set(held.get(memory_id, []))
+            for gid in sorted(tensors - gids):
+                await self.control_request(protocol.RemoveDocument(memory_id=memory_id, gid=gid))
+                removed += 1
+            if gids - tensors:
+                self.metadata.forget_documents(memory_id, sorted(gids - tensors))
+                forgotten += len(gids - tensors)
+        if dropped or removed or forgotten:
+            logger.warning("sglang-msa: reconciled memories after a restart: %d unrecorded memories dropped, "
+                           "%d unacknowledged documents removed, %d records without tensors forgotten",
+                           dropped, removed, forgotten)
 
     async def control_request(self, message) -> dict:
         try:
@@ -103,8 +130,16 @@ class MemoryAPI:
             raise APIError(exc.status, str(exc)) from exc
 
     def require_memory(self, memory_id: str) -> None:
-        if not self.metadata.memory_exists(memory_id):
+        """The memory exists (404) and, with API keys, belongs to the caller's tenant (403)."""
+        exists, owner = self.metadata.memory_owner(memory_id)
+        if not exists:
             raise APIError(404, f"memory {memory_id!r} does not exist", "memory_id")
+        if self.keys_enabled and owner != caller_tenant.get():
+            raise APIError(403, f"memory {memory_id!r} belongs to another tenant", "memory_id")
+
+    def grant_params(self, memory_id: str) -> dict:
+        """With API keys: the caller tenant's grant for the memory, checked by the scheduler."""
+        return {"grant": grants.grant(caller_tenant.get(), memory_id)} if self.keys_enabled else {}
 
     def generate(self, input_ids: list[int], sampling_params: dict, msa: dict, rid: str, stream: bool = False,
                  **request_fields):
@@ -133,17 +168,31 @@ class MemoryAPI:
 
     # ------------------------------------------------------------------------------ memories
     async def create_memory(self, memory_id: str) -> dict:
-        if not self.metadata.create_memory(memory_id):
+        owner = caller_tenant.get()
+        if not self.metadata.create_memory(memory_id, owner):
             raise APIError(409, f"memory {memory_id!r} already exists", "memory_id")
         try:
-            await self.control_request(protocol.CreateMemory(memory_id=memory_id))
+            await self.control_request(protocol.CreateMemory(memory_id=memory_id, owner=owner))
         except APIError:
             self.metadata.delete_memory(memory_id)
             raise
         return {"memory_id": memory_id, "created": True}
 
     def list_memories(self) -> dict:
-        return {"memories": self.metadata.list_memories()}
+        """Every memory, or with API keys the caller's."""
+        return {"memories": self.metadata.list_memories(caller_tenant.get() if self.keys_enabled else None)}
+
+    async def store_stats(self) -> dict:
+        """What the scheduler holds: totals over every memory (with API keys, the caller's)."""
+        reply = await self.control_request(protocol.StoreStats())
+        per_memory = reply["memories"]
+        if self.keys_enabled:
+            own = {m["memory_id"] for m in self.metadata.list_memories(caller_tenant.get())}
+            per_memory = {memory_id: stats for memory_id, stats in per_memory.items() if memory_id in own}
+        totals = {key: sum(stats[key] for stats in per_memory.values()) for key in ("documents", "tokens", "chunks")}
+        return {"memories": len(per_memory), **totals,
+                "bytes": sum(stats["bytes"] for stats in per_memory.values()),
+                "budget_bytes": reply["budget_bytes"]}
 
     async def memory_info(self, memory_id: str) -> dict:
         self.require_memory(memory_id)
@@ -157,9 +206,12 @@ class MemoryAPI:
         }
 
     async def delete_memory(self, memory_id: str) -> dict:
+        """Forget the record first, then the tensors: a crash in between leaves tensors that the
+        next start-up removes, never a deleted memory that comes back."""
         self.require_memory(memory_id)
+        if not self.metadata.delete_memory(memory_id):
+            raise APIError(404, f"memory {memory_id!r} does not exist", "memory_id")
         await self.control_request(protocol.DropMemory(memory_id=memory_id))
-        self.metadata.delete_memory(memory_id)
         return {"memory_id": memory_id, "deleted": True}
 
     # ------------------------------------------------------------------------------ documents
@@ -193,7 +245,7 @@ class MemoryAPI:
 
         async def ingest(gid: int, ids: list[int]) -> dict:
             rid = f"msa-ingest-{uuid.uuid4().hex}"
-            msa = {"op": "ingest", "memory_id": memory_id, "gid": gid}
+            msa = {"op": "ingest", "memory_id": memory_id, "gid": gid, **self.grant_params(memory_id)}
             try:
                 await self.generate(ids, {"max_new_tokens": 1, "temperature": 0}, msa, rid).__anext__()
             except ValueError as exc:  # the scheduler refused the request
@@ -239,10 +291,18 @@ class MemoryAPI:
             raise APIError(404, f"document {doc_id!r} does not exist in memory {memory_id!r}", "doc_id")
         return {"doc_id": record.doc_id, "gid": record.gid, "text": record.text, "num_tokens": record.num_tokens}
 
+    def list_documents(self, memory_id: str, limit: int, offset: int) -> dict:
+        self.require_memory(memory_id)
+        return {"memory_id": memory_id, "documents": self.metadata.list_documents(memory_id, limit, offset),
+                "limit": limit, "offset": offset}
+
     async def delete_document(self, memory_id: str, doc_id: str) -> dict:
-        record = self.get_document(memory_id, doc_id)
-        await self.control_request(protocol.RemoveDocument(memory_id=memory_id, gid=record["gid"]))
-        self.metadata.delete_document(memory_id, doc_id)
+        """Record first, then tensors (as for memories)."""
+        self.require_memory(memory_id)
+        record = self.metadata.delete_document(memory_id, doc_id)
+        if record is None:
+            raise APIError(404, f"document {doc_id!r} does not exist in memory {memory_id!r}", "doc_id")
+        await self.control_request(protocol.RemoveDocument(memory_id=memory_id, gid=record.gid))
         return {"doc_id": doc_id, "deleted": True}
 
     # ------------------------------------------------------------------------------ queries
@@ -342,10 +402,9 @@ class MemoryAPI:
         return prompt, {"injection_rounds": rounds,
                         "injected": [doc for round_docs in rounds for doc in round_docs]}
 
-    @staticmethod
-    def query_params(memory_id: str, prompt: MemoryPrompt) -> dict:
+    def query_params(self, memory_id: str, prompt: MemoryPrompt) -> dict:
         return {"op": "query", "memory_id": memory_id, "routing_spans": [list(span) for span in prompt.routing_spans],
-                "template_tokens": prompt.template_tokens}
+                "template_tokens": prompt.template_tokens, **self.grant_params(memory_id)}
 
     async def chat(self, memory_id: str, body: schemas.MemoryChatRequest, created: int) -> dict:
         """A non-streaming OpenAI chat completion over the memory."""

@@ -16,6 +16,7 @@ from pathlib import Path
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (
     memory_id TEXT PRIMARY KEY,
+    owner TEXT,
     created_at REAL NOT NULL,
     next_gid INTEGER NOT NULL DEFAULT 0
 );
@@ -42,19 +43,32 @@ class DocumentRecord:
 
 
 class MetadataStore:
+    """In memory by default; with a file path, every change is a committed, fsynced transaction
+    (WAL journal, synchronous=FULL) that survives a crash of the server."""
+
     def __init__(self, path: str | Path = ":memory:"):
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA foreign_keys = ON")
+        if str(path) != ":memory:":
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 
-    def create_memory(self, memory_id: str) -> bool:
+    def create_memory(self, memory_id: str, owner: str | None = None) -> bool:
         with self._lock:
             try:
-                self._db.execute("INSERT INTO memories (memory_id, created_at) VALUES (?, ?)", (memory_id, time.time()))
+                self._db.execute("INSERT INTO memories (memory_id, owner, created_at) VALUES (?, ?, ?)",
+                                 (memory_id, owner, time.time()))
                 return True
             except sqlite3.IntegrityError:
                 return False
+
+    def memory_owner(self, memory_id: str) -> tuple[bool, str | None]:
+        """(whether the memory exists, its owner tenant)."""
+        with self._lock:
+            row = self._db.execute("SELECT owner FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
+        return (row is not None, row[0] if row else None)
 
     def delete_memory(self, memory_id: str) -> bool:
         with self._lock:
@@ -64,11 +78,13 @@ class MetadataStore:
         with self._lock:
             return self._db.execute("SELECT 1 FROM memories WHERE memory_id = ?", (memory_id,)).fetchone() is not None
 
-    def list_memories(self) -> list[dict]:
+    def list_memories(self, owner: str | None = None) -> list[dict]:
+        """All memories, or with `owner` only that tenant's."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT m.memory_id, COUNT(d.gid), COALESCE(SUM(d.num_tokens), 0) FROM memories m "
-                "LEFT JOIN documents d ON d.memory_id = m.memory_id GROUP BY m.memory_id ORDER BY m.memory_id"
+                "LEFT JOIN documents d ON d.memory_id = m.memory_id WHERE ? IS NULL OR m.owner = ? "
+                "GROUP BY m.memory_id ORDER BY m.memory_id", (owner, owner),
             ).fetchall()
         return [{"memory_id": m, "documents": n, "tokens": t} for m, n, t in rows]
 
@@ -133,6 +149,33 @@ class MetadataStore:
                 (memory_id, *gids),
             ).fetchall()
         return {row[0]: DocumentRecord(memory_id, *row) for row in rows}
+
+    def list_documents(self, memory_id: str, limit: int, offset: int) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT doc_id, gid, num_tokens FROM documents WHERE memory_id = ? ORDER BY gid LIMIT ? OFFSET ?",
+                (memory_id, limit, offset),
+            ).fetchall()
+        return [{"doc_id": doc_id, "gid": gid, "num_tokens": n} for doc_id, gid, n in rows]
+
+    def owners(self) -> dict[str, str | None]:
+        with self._lock:
+            return dict(self._db.execute("SELECT memory_id, owner FROM memories").fetchall())
+
+    def contents(self) -> dict[str, set[int]]:
+        """Every memory and the gids of its acknowledged documents."""
+        with self._lock:
+            memories = {row[0]: set() for row in self._db.execute("SELECT memory_id FROM memories")}
+            for memory_id, gid in self._db.execute("SELECT memory_id, gid FROM documents"):
+                memories[memory_id].add(gid)
+        return memories
+
+    def forget_documents(self, memory_id: str, gids: list[int]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("DELETE FROM documents WHERE memory_id = ? AND gid = ?",
+                                 [(memory_id, gid) for gid in gids])
+            self._db.execute("COMMIT")
 
     def delete_document(self, memory_id: str, doc_id: str) -> DocumentRecord | None:
         with self._lock:

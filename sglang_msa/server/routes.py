@@ -6,36 +6,54 @@ field), call them, and shape the responses (OpenAI chat completions, streaming i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sglang_msa.config import load_options
 from sglang_msa.server import schemas
-from sglang_msa.server.memory_api import APIError, MemoryAPI, chat_sampling_params, finish_reason, with_answer
+from sglang_msa.server.auth import authenticate_request, caller_tenant
+from sglang_msa.server.errors import APIError
+from sglang_msa.server.memory_api import MemoryAPI, chat_sampling_params, finish_reason, with_answer
 from sglang_msa.server.prompting import PromptError
 
-router = APIRouter(prefix="/v1/memories", tags=["memories"])
+async def authenticate(request: Request) -> None:
+    """With API keys, the caller's tenant for the rest of this request (401 without a key)."""
+    caller_tenant.set(authenticate_request(request, (await get_api()).api_keys))
+
+
+router = APIRouter(prefix="/v1/memories", tags=["memories"], dependencies=[Depends(authenticate)])
 MemoryIdPath = Path(pattern=schemas.MEMORY_ID_PATTERN)
 DocIdPath = Path(pattern=schemas.DOC_ID_PATTERN)
 
 _api: MemoryAPI | None = None
+_api_lock = asyncio.Lock()
 
 
-def get_api() -> MemoryAPI:
+async def get_api() -> MemoryAPI:
+    """The server's MemoryAPI, created (and reconciled with the scheduler) on first use."""
     global _api
-    if _api is None:
-        from sglang.srt.entrypoints.http_server import get_global_state
+    if _api is not None:
+        return _api
+    async with _api_lock:
+        if _api is None:
+            from sglang.srt.entrypoints.http_server import get_global_state
 
-        state = get_global_state()
-        if state is None:
-            raise APIError(503, "the server is still starting")
-        _api = MemoryAPI(state.tokenizer_manager, load_options())
+            state = get_global_state()
+            if state is None:
+                raise APIError(503, "the server is still starting")
+            api = MemoryAPI(state.tokenizer_manager, load_options())
+            await api.reconcile()
+            _api = api
     return _api
+
+
+ApiDependency = Depends(get_api)
 
 
 async def api_error_handler(request, exc: APIError) -> JSONResponse:
@@ -75,48 +93,60 @@ def install(app) -> None:
 
 
 @router.post("", status_code=201)
-async def create_memory(body: schemas.CreateMemoryRequest):
+async def create_memory(body: schemas.CreateMemoryRequest, api: MemoryAPI = ApiDependency):
     """Create an empty memory."""
-    return JSONResponse(status_code=201, content=await get_api().create_memory(body.memory_id))
+    return JSONResponse(status_code=201, content=await api.create_memory(body.memory_id))
 
 
 @router.get("")
-async def list_memories():
-    return get_api().list_memories()
+async def list_memories(api: MemoryAPI = ApiDependency):
+    return api.list_memories()
+
+
+@router.get("/-/stats")
+async def store_stats(api: MemoryAPI = ApiDependency):
+    """Memories, documents, tokens, chunks and bytes the scheduler holds, and its budget."""
+    return await api.store_stats()
 
 
 @router.get("/{memory_id}")
-async def get_memory(memory_id: str = MemoryIdPath):
+async def get_memory(memory_id: str = MemoryIdPath, api: MemoryAPI = ApiDependency):
     """Documents, tokens, chunks and bytes held by a memory."""
-    return await get_api().memory_info(memory_id)
+    return await api.memory_info(memory_id)
 
 
 @router.delete("/{memory_id}")
-async def delete_memory(memory_id: str = MemoryIdPath):
-    return await get_api().delete_memory(memory_id)
+async def delete_memory(memory_id: str = MemoryIdPath, api: MemoryAPI = ApiDependency):
+    return await api.delete_memory(memory_id)
 
 
 @router.post("/{memory_id}/documents", status_code=201)
-async def add_documents(body: schemas.AddDocumentsRequest, memory_id: str = MemoryIdPath):
+async def add_documents(body: schemas.AddDocumentsRequest, memory_id: str = MemoryIdPath, api: MemoryAPI = ApiDependency):
     """Encode documents into the memory (each one a prefill through SGLang), then acknowledge."""
-    status, content = await get_api().add_documents(memory_id, body)
+    status, content = await api.add_documents(memory_id, body)
     return JSONResponse(status_code=status, content=content)
 
 
+@router.get("/{memory_id}/documents")
+async def list_documents(memory_id: str = MemoryIdPath, limit: int = Query(100, ge=1, le=10_000),
+                         offset: int = Query(0, ge=0), api: MemoryAPI = ApiDependency):
+    """The memory's acknowledged documents (ids and sizes) in insertion order."""
+    return api.list_documents(memory_id, limit, offset)
+
+
 @router.get("/{memory_id}/documents/{doc_id}")
-async def get_document(memory_id: str = MemoryIdPath, doc_id: str = DocIdPath):
-    return get_api().get_document(memory_id, doc_id)
+async def get_document(memory_id: str = MemoryIdPath, doc_id: str = DocIdPath, api: MemoryAPI = ApiDependency):
+    return api.get_document(memory_id, doc_id)
 
 
 @router.delete("/{memory_id}/documents/{doc_id}")
-async def delete_document(memory_id: str = MemoryIdPath, doc_id: str = DocIdPath):
-    return await get_api().delete_document(memory_id, doc_id)
+async def delete_document(memory_id: str = MemoryIdPath, doc_id: str = DocIdPath, api: MemoryAPI = ApiDependency):
+    return await api.delete_document(memory_id, doc_id)
 
 
 @router.post("/{memory_id}/chat/completions")
-async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = MemoryIdPath):
+async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = MemoryIdPath, api: MemoryAPI = ApiDependency):
     """OpenAI-compatible chat over a memory (`base_url=<server>/v1/memories/<memory_id>`)."""
-    api = get_api()
     created = int(time.time())
     if not body.stream:
         return await api.chat(memory_id, body, created)
@@ -151,6 +181,6 @@ async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = Mem
 
 
 @router.post("/{memory_id}/generate")
-async def generate(body: schemas.MemoryGenerateRequest, memory_id: str = MemoryIdPath):
+async def generate(body: schemas.MemoryGenerateRequest, memory_id: str = MemoryIdPath, api: MemoryAPI = ApiDependency):
     """SGLang-native generate over a memory; the response adds the retrieved documents."""
-    return await get_api().generate_over_memory(memory_id, body)
+    return await api.generate_over_memory(memory_id, body)

@@ -1,0 +1,171 @@
+"""Document tensors on disk, for a server started with a memory directory.
+
+    <memory_dir>/manifest.json                     what wrote the tensors (model, layers, chunking)
+    <memory_dir>/tensors/<memory_id>/memory.json         the memory's owner tenant (API keys)
+    <memory_dir>/tensors/<memory_id>/<gid>.safetensors   one committed document, all routed layers
+
+A document file is written to a temporary name, fsynced, renamed into place and its directory
+fsynced before the document becomes visible to routing, so a file under its final name is always
+complete. Metadata (which documents were acknowledged, their ids and texts) lives in the HTTP
+server's SQLite file beside it; `server/memory_api.py` reconciles the two at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, StoredDocument
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "sglang-msa-document-1"
+TENSOR_NAMES = ("pooled_k", "pooled_v", "router_k", "full_k", "full_v")
+MEMORY_FILE = "memory.json"  # in each memory's directory: {"owner": tenant or null}
+
+
+class ArchiveMismatchError(RuntimeError):
+    """The memory directory was written for another model or other memory options."""
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, write) -> None:
+    """`write(tmp_path)`, then fsync and rename into place: `path` is either absent or complete."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_directory(path.parent)
+
+
+def document_tensors(doc: StoredDocument) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flat tensors and string metadata of a document (router keys that are the pooled keys
+    themselves, as in training-free mode, are stored once)."""
+    tensors, shared = {}, []
+    for layer, parts in doc.layers.items():
+        for name in TENSOR_NAMES:
+            tensor = getattr(parts, name)
+            if tensor is None:
+                continue
+            if name == "router_k" and tensor is parts.pooled_k:
+                shared.append(str(layer))
+                continue
+            tensors[f"{layer}.{name}"] = tensor.contiguous()
+    metadata = {"format": FORMAT, "gid": str(doc.gid), "num_tokens": str(doc.num_tokens),
+                "num_chunks": str(doc.num_chunks), "router_is_pooled_k": ",".join(shared)}
+    return tensors, metadata
+
+
+def read_document(path: Path) -> StoredDocument:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an sglang-msa document file")
+    tensors = load_file(str(path))
+    shared = {int(layer) for layer in metadata["router_is_pooled_k"].split(",") if layer}
+    layers = {}
+    for layer in sorted({int(name.split(".")[0]) for name in tensors}):
+        parts = {name: tensors.get(f"{layer}.{name}") for name in TENSOR_NAMES}
+        if layer in shared:
+            parts["router_k"] = parts["pooled_k"]
+        layers[layer] = LayerTensors(**parts)
+    return StoredDocument(gid=int(metadata["gid"]), num_tokens=int(metadata["num_tokens"]),
+                          num_chunks=int(metadata["num_chunks"]), layers=layers)
+
+
+class DocumentArchive:
+    """Committed documents' tensors under a memory directory (one file per document)."""
+
+    def __init__(self, root: str | Path, fingerprint: dict):
+        self.root = Path(root)
+        self.tensors_dir = self.root / "tensors"
+        self.tensors_dir.mkdir(parents=True, exist_ok=True)
+        manifest = self.root / "manifest.json"
+        if manifest.exists():
+            written = json.loads(manifest.read_text())
+            if written != fingerprint:
+                changed = sorted(k for k in set(written) | set(fingerprint) if written.get(k) != fingerprint.get(k))
+                raise ArchiveMismatchError(
+                    f"sglang-msa: the memory directory {self.root} holds memories encoded with other settings "
+                    f"({', '.join(changed)} differ: {[written.get(k) for k in changed]} there, "
+                    f"{[fingerprint.get(k) for k in changed]} now); use another directory or the same settings"
+                )
+        else:
+            write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps(fingerprint, indent=2)))
+
+    def memory_dir(self, memory_id: str) -> Path:
+        return self.tensors_dir / memory_id
+
+    def document_path(self, memory_id: str, gid: int) -> Path:
+        return self.memory_dir(memory_id) / f"{gid}.safetensors"
+
+    def create_memory(self, memory_id: str, owner: str | None) -> None:
+        """The memory's directory, complete with its description, appears at once (rename)."""
+        staging = self.tensors_dir / f".creating-{uuid.uuid4().hex}"
+        staging.mkdir()
+        write_atomically(staging / MEMORY_FILE, lambda tmp: tmp.write_text(json.dumps({"owner": owner})))
+        os.replace(staging, self.memory_dir(memory_id))
+        fsync_directory(self.tensors_dir)
+
+    def drop_memory(self, memory_id: str) -> None:
+        """Rename away (atomic), then delete: a crash leaves either the whole memory or none."""
+        path = self.memory_dir(memory_id)
+        if not path.exists():
+            return
+        trash = self.tensors_dir / f".dropped-{uuid.uuid4().hex}"
+        os.replace(path, trash)
+        fsync_directory(self.tensors_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def write_document(self, memory_id: str, doc: StoredDocument) -> None:
+        directory = self.memory_dir(memory_id)
+        if not directory.is_dir():
+            raise MemoryOperationError(f"memory {memory_id!r} does not exist", 404)
+        tensors, metadata = document_tensors(doc)
+        write_atomically(self.document_path(memory_id, doc.gid),
+                         lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def remove_document(self, memory_id: str, gid: int) -> None:
+        path = self.document_path(memory_id, gid)
+        if path.exists():
+            path.unlink()
+            fsync_directory(path.parent)
+
+    def load(self) -> dict[str, tuple[str | None, list[StoredDocument]]]:
+        """Every memory, its owner and its complete documents; leftovers of interrupted writes
+        are removed."""
+        for leftover in [*self.tensors_dir.glob(".dropped-*"), *self.tensors_dir.glob(".creating-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+        memories: dict[str, tuple[str | None, list[StoredDocument]]] = {}
+        for directory in sorted(p for p in self.tensors_dir.iterdir() if p.is_dir()):
+            for tmp in directory.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+            docs = []
+            for path in sorted(directory.glob("*.safetensors")):
+                try:
+                    docs.append(read_document(path))
+                except Exception as exc:  # never half a document: report it and leave it out
+                    logger.error("sglang-msa: skipping unreadable document file %s: %s", path, exc)
+            owner = json.loads((directory / MEMORY_FILE).read_text())["owner"]
+            memories[directory.name] = (owner, sorted(docs, key=lambda doc: doc.gid))
+        return memories
