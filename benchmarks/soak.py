@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = args.model_path or prepare_embedded_model()
-    options = {"top_k_docs": 4, "memory_content": "full"}
+    options = {"top_k_docs": 4, "memory_content": "full", "memory_budget_mb": 8192}
     server_args = ["--max-total-tokens", "65536", "--msa-config", json.dumps(options), "--log-level", "warning"]
     rng = random.Random(0)
     with start_server(model, "msa", extra_args=server_args, startup_timeout_s=600) as server:

@@ -123,3 +123,37 @@ def test_concurrent_writes_deletes_and_queries_keep_every_promise(server):
     after = store_stats(server)
     assert (after["memories"], after["documents"], after["bytes"]) == \
         (baseline["memories"], baseline["documents"], baseline["bytes"])
+
+
+def test_answers_come_only_from_the_named_memory(server):
+    """Two tenants hold conflicting facts; a third memory is a twin of the first. Queries on all
+    three run concurrently (mixed batches): the first and its twin answer identically, token for
+    token, in every round, and the conflicting tenant's memory changes the answer's scores."""
+    facts = {"tenant-a": "7", "tenant-a-twin": "7", "tenant-b": "3"}
+    for memory_id, digit in facts.items():
+        requests.post(f"{server}/v1/memories", json={"memory_id": memory_id}, timeout=30).raise_for_status()
+        docs = [{"doc_id": f"fact-{i}", "text": f"The code of vault {i} is {digit * 4}{i}."} for i in range(6)]
+        requests.post(f"{server}/v1/memories/{memory_id}/documents", json={"documents": docs},
+                      timeout=300).raise_for_status()
+    outputs: dict[str, list[dict]] = {memory_id: [] for memory_id in facts}
+    lock = threading.Lock()
+
+    def ask(memory_id: str):
+        reply = requests.post(f"{server}/v1/memories/{memory_id}/generate", json={
+            "text": "The code of vault 2 is", "return_logprob": True, "top_logprobs_num": 3,
+            "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}, timeout=300)
+        assert reply.status_code == 200, reply.text
+        with lock:
+            outputs[memory_id].append(reply.json())
+
+    threads = [threading.Thread(target=ask, args=(memory_id,)) for _ in range(4) for memory_id in facts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    ids = {memory_id: [out["output_ids"] for out in outs] for memory_id, outs in outputs.items()}
+    assert all(len(v) == 4 for v in ids.values())
+    assert ids["tenant-a"] == ids["tenant-a-twin"] and len({tuple(x) for x in ids["tenant-a"]}) == 1
+    first_a = outputs["tenant-a"][0]["meta_info"]["output_top_logprobs"][0]
+    first_b = outputs["tenant-b"][0]["meta_info"]["output_top_logprobs"][0]
+    assert first_a != first_b  # the memory named is the one that was read

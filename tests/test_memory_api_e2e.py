@@ -136,6 +136,14 @@ def test_native_generate_over_memory(server):
     ("/v1/memories/validation/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
      422, "max_tokens"),
     ("/v1/memories/missing/documents", {"documents": [{"text": "hi"}]}, 404, "memory_id"),
+    ("/v1/memories/validation/documents", {"documents": [{"text": "a", "doc_id": "d"}, {"text": "b", "doc_id": "d"}]},
+     409, "documents"),
+    ("/v1/memories/validation/generate", {"input_ids": [1, 2, 3], "msa": {"routing_spans": [[0, 9]]}},
+     422, "msa.routing_spans"),
+    ("/v1/memories/validation/generate", {"input_ids": [1, 2, 3], "msa": {"routing_spans": [[2, 3], [0, 1]]}},
+     422, "msa.routing_spans"),
+    ("/v1/memories/validation/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}], "msa": {"interleave": True}}, 422, "msa.interleave"),
 ])
 def test_bad_input_gets_a_clear_error(server, path, payload, status, param):
     requests.post(f"{server}/v1/memories", json={"memory_id": "validation"}, timeout=30)
