@@ -34,16 +34,17 @@ def text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
 
 
-def server_rss_mb(pid: int) -> float:
+def server_rss_mb(pid: int) -> dict[str, float]:
+    """Resident memory of the server's processes (launcher/HTTP, scheduler, detokenizer), MiB."""
     root = psutil.Process(pid)
-    processes = [root, *root.children(recursive=True)]
-    total = 0
-    for process in processes:
+    by_process: dict[str, float] = {}
+    for process in [root, *root.children(recursive=True)]:
         try:
-            total += process.memory_info().rss
+            name = "http" if process.pid == pid else process.name().removeprefix("sglang::")
+            by_process[name] = by_process.get(name, 0.0) + round(process.memory_info().rss / 2**20, 1)
         except psutil.Error:
             pass
-    return total / 2**20
+    return by_process
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -61,12 +62,13 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=200, help="documents per memory at the start")
     parser.add_argument("--readers", type=int, default=16)
     parser.add_argument("--writers", type=int, default=4)
+    parser.add_argument("--log-level", default="warning", help="the server's (info shows its batches)")
     parser.add_argument("--out", default="benchmarks/results/soak")
     args = parser.parse_args()
 
     model = args.model_path or prepare_embedded_model()
     options = {"top_k_docs": 4, "memory_content": "full", "memory_budget_mb": 8192}
-    server_args = ["--max-total-tokens", "65536", "--msa-config", json.dumps(options), "--log-level", "warning"]
+    server_args = ["--max-total-tokens", "65536", "--msa-config", json.dumps(options), "--log-level", args.log_level]
     rng = random.Random(0)
     with start_server(model, "msa", extra_args=server_args, startup_timeout_s=600) as server:
         url = server.base_url
@@ -80,9 +82,10 @@ def main() -> None:
             live[memory_id] = [d["doc_id"] for d in docs]
         lock = threading.Lock()
         latencies: dict[str, list[float]] = {"query": [], "add": [], "delete": []}
+        timeline: list[tuple[str, float, float]] = []  # (operation, started at s, latency s)
         errors: list[str] = []
         deadline = time.monotonic() + args.duration
-        started = time.monotonic()
+        started, began_at = time.monotonic(), time.perf_counter()
 
         def timed(kind: str, method: str, path: str, **payload) -> None:
             began = time.perf_counter()
@@ -93,6 +96,7 @@ def main() -> None:
                     errors.append(f"{kind}: {response.status_code} {response.text[:120]}")
                 else:
                     latencies[kind].append(elapsed)
+                    timeline.append((kind, round(began - began_at, 3), round(elapsed, 3)))
 
         def reader(index: int) -> None:
             local = random.Random(index)
@@ -122,8 +126,9 @@ def main() -> None:
             thread.start()
         samples = []
         while any(thread.is_alive() for thread in threads):
-            samples.append({"t_s": round(time.monotonic() - started, 1), "rss_mb": round(server_rss_mb(server.process.pid), 1),
-                            "queries": len(latencies["query"])})
+            by_process = server_rss_mb(server.process.pid)
+            samples.append({"t_s": round(time.monotonic() - started, 1), "rss_mb": round(sum(by_process.values()), 1),
+                            "rss_mb_by_process": by_process, "queries": len(latencies["query"])})
             time.sleep(1.0)
         elapsed = time.monotonic() - started
 
@@ -136,14 +141,17 @@ def main() -> None:
     for kind, row in summary.items():
         fmt = lambda v: f"{v:.3f}" if v is not None else "n/a"  # noqa: E731
         print(f"{kind:>9} {row['count']:>6} {row['per_s']:>7.2f} {fmt(row['p50_s']):>7} {fmt(row['p99_s']):>7}")
-    print(f"server RSS: start {rss[0]:.0f} MiB, max {max(rss):.0f} MiB, end {rss[-1]:.0f} MiB; "
+    growth = {name: round(samples[-1]["rss_mb_by_process"].get(name, 0) - mb, 1)
+              for name, mb in samples[0]["rss_mb_by_process"].items()}
+    print(f"server RSS: start {rss[0]:.0f} MiB, max {max(rss):.0f} MiB, end {rss[-1]:.0f} MiB "
+          f"(growth by process: {growth}); "
           f"drift (mean of last 10 s - first 10 s): {drift if drift is None else round(drift, 1)} MiB; errors: {len(errors)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({
         "machine": platform.platform(), "model": str(model), "options": options, "args": vars(args),
         "elapsed_s": elapsed, "summary": summary, "rss_drift_mb": drift, "errors": errors[:50],
-        "samples": samples}, indent=2))
+        "samples": samples, "timeline": timeline}, indent=2))
     plot(samples, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 

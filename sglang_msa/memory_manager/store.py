@@ -55,6 +55,39 @@ class StoredDocument:
         return sum(tensors.nbytes() for tensors in self.layers.values())
 
 
+def pack_document(doc: StoredDocument) -> StoredDocument:
+    """The same document with all its tensors as views of one buffer per dtype.
+
+    A document is then one large allocation that is freed (and, being large, returned to the
+    operating system) at once when it is deleted, instead of dozens of small ones that fragment
+    the heap under a stream of additions and deletions. Router keys that are the pooled keys
+    stay the same tensor.
+    """
+    fields = ("pooled_k", "pooled_v", "full_k", "full_v", "router_k")
+    unique: dict[int, torch.Tensor] = {}
+    for parts in doc.layers.values():
+        for name in fields:
+            tensor = getattr(parts, name)
+            if tensor is not None:
+                unique.setdefault(id(tensor), tensor)
+    views: dict[int, torch.Tensor] = {}
+    for dtype in {t.dtype for t in unique.values()}:
+        members = [t for t in unique.values() if t.dtype == dtype]
+        buffer = torch.empty(sum(t.numel() for t in members), dtype=dtype, device=members[0].device)
+        offset = 0
+        for tensor in members:
+            view = buffer[offset : offset + tensor.numel()].view(tensor.shape)
+            view.copy_(tensor)
+            views[id(tensor)] = view
+            offset += tensor.numel()
+    layers = {
+        layer: LayerTensors(**{name: None if getattr(parts, name) is None else views[id(getattr(parts, name))]
+                               for name in fields})
+        for layer, parts in doc.layers.items()
+    }
+    return StoredDocument(gid=doc.gid, num_tokens=doc.num_tokens, num_chunks=doc.num_chunks, layers=layers)
+
+
 @dataclass(frozen=True)
 class RoutingView:
     """A memory's router keys in one layer, back to back, with their chunk layout."""
@@ -146,7 +179,7 @@ class MemoryStore:
                 )
             if self.backing is not None:
                 self.backing.write_document(memory_id, doc)
-            self._insert(memory, doc)
+            self._insert(memory, pack_document(doc))
 
     def restore(self, memories: dict[str, tuple[str | None, list[StoredDocument]]]) -> None:
         """Load memories read back from the backing (start-up): {id: (owner, documents)}."""
@@ -154,7 +187,7 @@ class MemoryStore:
             for memory_id, (owner, docs) in memories.items():
                 memory = self._memories.setdefault(memory_id, Memory(memory_id, owner))
                 for doc in docs:
-                    self._insert(memory, doc)
+                    self._insert(memory, pack_document(doc))
 
     def _insert(self, memory: Memory, doc: StoredDocument) -> None:
         memory.documents[doc.gid] = doc
