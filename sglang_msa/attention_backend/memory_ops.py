@@ -21,7 +21,9 @@ def pool_document(
     """One document's routed-layer tensors from its token K (after RoPE), V and, for MSA
     checkpoints, router keys, all [n, Hkv, d].
 
-    Training-free routing (no router keys) uses the pooled keys themselves as router keys.
+    Training-free routing (no router keys) uses the pooled keys themselves as router keys. In
+    full-resolution mode `keys` and `values` are kept as they are: pass tensors of this document
+    alone (the rows gathered from the KV pool are such copies).
     """
     n = keys.shape[0]
     pooled_k = ref.pool_chunks(keys, [n], chunk_size)
@@ -29,7 +31,7 @@ def pool_document(
     pooled_router_k = pooled_k if router_keys is None else ref.pool_chunks(router_keys, [n], chunk_size)
     return LayerTensors(
         pooled_k=pooled_k, pooled_v=pooled_v, router_k=pooled_router_k,
-        full_k=keys.clone() if keep_full else None, full_v=values.clone() if keep_full else None,
+        full_k=keys if keep_full else None, full_v=values if keep_full else None,
     )
 
 

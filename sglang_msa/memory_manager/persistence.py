@@ -68,7 +68,7 @@ def document_tensors(doc: StoredDocument) -> tuple[dict[str, torch.Tensor], dict
             if name == "router_k" and tensor is parts.pooled_k:
                 shared.append(str(layer))
                 continue
-            tensors[f"{layer}.{name}"] = tensor.clone()  # stored documents are views of one buffer
+            tensors[f"{layer}.{name}"] = tensor.contiguous()
     metadata = {"format": FORMAT, "gid": str(doc.gid), "num_tokens": str(doc.num_tokens),
                 "num_chunks": str(doc.num_chunks), "router_is_pooled_k": ",".join(shared)}
     return tensors, metadata

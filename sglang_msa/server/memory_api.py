@@ -36,6 +36,7 @@ from sglang_msa.server.prompting import (
     build_msa_chat_prompt,
     build_prompt,
     injected_question,
+    last_user_turn,
 )
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -92,7 +93,10 @@ class MemoryAPI:
         self.is_msa_checkpoint = getattr(hf_config, "model_type", None) == MSA_MODEL_TYPE
         self.interleave_prompts = InterleavePrompts(self.tokenizer) if self.is_msa_checkpoint else None
         self.api_keys = load_api_keys(options.api_keys_file) if options.api_keys_file else None
-        self.keys_enabled = self.api_keys is not None
+
+    @property
+    def keys_enabled(self) -> bool:
+        return self.api_keys is not None
 
     async def reconcile(self) -> None:
         """Make the metadata and the scheduler's memories agree (start-up, before any request).
@@ -189,10 +193,9 @@ class MemoryAPI:
         if self.keys_enabled:
             own = {m["memory_id"] for m in self.metadata.list_memories(caller_tenant.get())}
             per_memory = {memory_id: stats for memory_id, stats in per_memory.items() if memory_id in own}
-        totals = {key: sum(stats[key] for stats in per_memory.values()) for key in ("documents", "tokens", "chunks")}
-        return {"memories": len(per_memory), **totals,
-                "bytes": sum(stats["bytes"] for stats in per_memory.values()),
-                "budget_bytes": reply["budget_bytes"]}
+        totals = {key: sum(stats[key] for stats in per_memory.values())
+                  for key in ("documents", "tokens", "chunks", "bytes")}
+        return {"memories": len(per_memory), **totals, "budget_bytes": reply["budget_bytes"]}
 
     async def memory_info(self, memory_id: str) -> dict:
         self.require_memory(memory_id)
@@ -339,9 +342,7 @@ class MemoryAPI:
         if max_rounds > self.options.max_interleave_rounds:
             raise APIError(422, f"max_rounds {max_rounds} exceeds the server's max_interleave_rounds "
                            f"{self.options.max_interleave_rounds}", "msa.max_rounds")
-        questions = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
-        if not questions:
-            raise APIError(422, "a memory query needs a non-empty user message", "messages")
+        question = messages[last_user_turn(messages)]["content"]
 
         async def generate_round(prompt: MemoryPrompt) -> RoundOutput:
             rid = f"msa-round-{uuid.uuid4().hex}"
@@ -357,7 +358,7 @@ class MemoryAPI:
             return {gid: (record.doc_id, record.text) for gid, record in records.items()}
 
         limits = InterleaveLimits(max_rounds=max_rounds, max_injected_tokens=self.options.max_injected_tokens)
-        result = await run_interleave(self.interleave_prompts, questions[-1], limits, generate_round, documents)
+        result = await run_interleave(self.interleave_prompts, question, limits, generate_round, documents)
         injected = [{"doc_id": result.doc_ids[gid], "gid": gid} for r in result.rounds for gid in r.gids]
         return result.answer_prompt, {"interleave": result.report(), "injected": injected}
 
@@ -375,10 +376,8 @@ class MemoryAPI:
                                options: schemas.MemoryOptions) -> tuple[MemoryPrompt, dict]:
         """Router-driven injection: route, put the top documents' original text before the
         question, optionally route again on what was injected, then answer."""
-        user_turns = [i for i, m in enumerate(messages) if m["role"] == "user" and m["content"].strip()]
-        if not user_turns:
-            raise APIError(422, "a memory query needs a non-empty user message", "messages")
-        question, turn = messages[user_turns[-1]]["content"], user_turns[-1]
+        turn = last_user_turn(messages)
+        question = messages[turn]["content"]
         routing_text, older, newest = options.routing_text, [], []
         injected, rounds, budget = set(), [], self.options.max_injected_tokens
         current = messages

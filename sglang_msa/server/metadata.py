@@ -74,10 +74,6 @@ class MetadataStore:
         with self._lock:
             return self._db.execute("DELETE FROM memories WHERE memory_id = ?", (memory_id,)).rowcount > 0
 
-    def memory_exists(self, memory_id: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM memories WHERE memory_id = ?", (memory_id,)).fetchone() is not None
-
     def list_memories(self, owner: str | None = None) -> list[dict]:
         """All memories, or with `owner` only that tenant's."""
         with self._lock:

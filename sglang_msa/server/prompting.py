@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sglang_msa.server.errors import APIError
 
-class PromptError(ValueError):
+
+class PromptError(APIError):
+    """A prompt that cannot be built from the request: 422 naming the field."""
+
     def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
+        super().__init__(422, message, param)
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,18 @@ def build_prompt(tokenizer, prompt_text: str, routing_text: str, param: str) -> 
     return MemoryPrompt(input_ids=list(encoded["input_ids"]), routing_spans=(span,))
 
 
+def last_user_turn(messages: list[dict]) -> int:
+    """Index of the last non-empty user message: the question of a memory query."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "user" and m["content"].strip()]
+    if not turns:
+        raise PromptError("a memory query needs a non-empty user message", "messages")
+    return turns[-1]
+
+
 def build_chat_prompt(tokenizer, messages: list[dict], routing_text: str | None) -> MemoryPrompt:
     """Apply the model's chat template; route on `routing_text` or the last user message."""
     if routing_text is None:
-        user_messages = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
-        if not user_messages:
-            raise PromptError("a memory query needs a non-empty user message", "messages")
-        routing_text, param = user_messages[-1], "messages"
+        routing_text, param = messages[last_user_turn(messages)]["content"], "messages"
     else:
         param = "msa.routing_text"
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -62,10 +70,7 @@ def build_msa_chat_prompt(tokenizer, messages: list[dict], routing_text: str | N
     """
     from sglang_msa.models.msa_config import TEMPLATE_HEAD
 
-    questions = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
-    if not questions:
-        raise PromptError("a memory query needs a non-empty user message", "messages")
-    routed_part = MSA_INSTRUCTION + questions[-1]
+    routed_part = MSA_INSTRUCTION + messages[last_user_turn(messages)]["content"]
     prompt_text = TEMPLATE_HEAD + routed_part + "<|im_end|>\n<|im_start|>assistant\n"
     template_tokens = len(tokenizer(TEMPLATE_HEAD, add_special_tokens=False).input_ids)
     if routing_text is not None:

@@ -20,7 +20,6 @@ from sglang_msa.server import schemas
 from sglang_msa.server.auth import authenticate_request, caller_tenant
 from sglang_msa.server.errors import APIError
 from sglang_msa.server.memory_api import MemoryAPI, chat_sampling_params, finish_reason, with_answer
-from sglang_msa.server.prompting import PromptError
 
 async def authenticate(request: Request) -> None:
     """With API keys, the caller's tenant for the rest of this request (401 without a key)."""
@@ -60,10 +59,6 @@ async def api_error_handler(request, exc: APIError) -> JSONResponse:
     return exc.response()
 
 
-async def prompt_error_handler(request, exc: PromptError) -> JSONResponse:
-    return APIError(422, str(exc), exc.param).response()
-
-
 def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     """422 naming the first failing field (`documents[0].text`, `memory_id`, ...)."""
     error = exc.errors()[0]
@@ -81,7 +76,6 @@ def install(app) -> None:
         return
     app.include_router(router)
     app.add_exception_handler(APIError, api_error_handler)
-    app.add_exception_handler(PromptError, prompt_error_handler)
     sglang_handler = app.exception_handlers.get(RequestValidationError)
 
     async def validation_handler(request, exc: RequestValidationError):
