@@ -1,44 +1,131 @@
-"""Run under TRITON_INTERPRET=1 (set by tests/test_kernels.py): the Triton routing scan against
-the reference on fresh random inputs. Prints one line per case; exits non-zero on a mismatch."""
+"""Run under TRITON_INTERPRET=1 (set by tests/test_kernels.py), or on a GPU at real shapes
+(benchmarks/gpu_check.sh): the batched Triton routing scan against the reference on fresh random
+inputs. Prints one line per case; exits non-zero on a mismatch."""
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 
 import torch
 
 from sglang_msa.kernels import reference as ref
-from sglang_msa.kernels.routing_scan import chunk_scores, route_with_scan
+from sglang_msa.kernels.routing_scan import RouterKeyTable, RoutingRequest, quantize_fp8, route_batch, \
+    document_scores_batch
+
+TINY = [  # (routing tokens per request, heads, kv heads, head dim, memories' document lengths, chunk size)
+    ([1, 2], 4, 2, 16, [[5, 9, 3], [40]], 4),               # GQA 2, partial chunks, two tenants
+    ([3, 1, 2], 6, 2, 24, [[13, 1, 40, 7], [2, 2]], 8),     # odd head dim, GQA 3 (padded group)
+    ([2], 4, 4, 8, [[70]], 4),                              # one document, chunks over several tiles
+    ([5, 5], 8, 1, 32, [[3] * 30, []], 2),                  # MQA, many small documents, an empty memory
+]
+REAL = [  # MSA-4B routing shapes: 32 query heads, 8 KV heads, d=128, P=64
+    ([24, 70, 1], 32, 8, 128, [[4096] * 40 + [100], [64 * 5] * 300, [777] * 3], 64),
+]
+
+
+ALL_REDUCTIONS = list(itertools.product(("dot", "cosine"), ("mean", "max"), ("max", "mean", "last"), ("max", "mean")))
+# on a GPU every combination is a compilation: a few that between them use every option
+GPU_REDUCTIONS = [("dot", "mean", "max", "max"), ("cosine", "max", "mean", "mean"), ("dot", "max", "last", "max")]
+
+
+def rounded_reference(q, keys, similarity, head_reduce, query_reduce):
+    """The reference as the kernel rounds its query to bfloat16 for 16- and 8-bit keys: for cosine
+    the unit query (keys' norms are divided out after the product), for a head mean the sum of each
+    GQA group's queries (the mean over H heads is the mean over Hkv summed heads × Hkv / H)."""
+    heads, kv_heads, dim = q.shape[1], keys.shape[1], q.shape[2]
+    if similarity == "cosine":
+        q = torch.nn.functional.normalize(q, dim=-1) * dim**0.5  # "dot" divides by sqrt(d) again
+        keys = torch.nn.functional.normalize(keys, dim=-1)
+    if head_reduce == "mean":
+        summed = q.float().view(q.shape[0], kv_heads, heads // kv_heads, dim).sum(dim=2)
+        if similarity == "cosine":
+            summed = q.float().view(q.shape[0], kv_heads, heads // kv_heads, dim).div(dim**0.5).sum(dim=2)
+            summed = summed.bfloat16().double() * dim**0.5
+        else:
+            summed = summed.bfloat16().double()
+        return ref.chunk_scores(summed, keys, "dot", "mean", query_reduce) * kv_heads / heads
+    if similarity == "cosine":
+        q = (q / dim**0.5).bfloat16().double() * dim**0.5
+    else:
+        q = q.bfloat16().double()
+    return ref.chunk_scores(q, keys, "dot", head_reduce, query_reduce)
+
+
+def check(shapes, dtypes, reductions, device, block_c, gen) -> int:
+    failures = 0
+    for (tokens, heads, kv_heads, dim, memories, chunk), dtype, (similarity, head_reduce, query_reduce, chunk_reduce) \
+            in itertools.product(shapes, dtypes, reductions):
+        tables, layouts, float_keys = [], [], []
+        for doc_lens in memories:
+            layout = ref.chunk_layout(doc_lens, chunk)
+            keys = torch.randn(layout.num_chunks, kv_heads, dim, generator=gen)
+            if dtype == "fp8":
+                stored, scales = quantize_fp8(keys)
+                float_keys.append(stored.float() * scales.unsqueeze(-1))
+            else:
+                stored, scales = keys.to(dtype), None
+                float_keys.append(stored.float())
+            tables.append(RouterKeyTable.from_layout(stored.to(device), layout,
+                                                     None if scales is None else scales.to(device)))
+            layouts.append(layout)
+        table, ranges = RouterKeyTable.concat(tables)
+        queries = [torch.randn(t, heads, dim, generator=gen) for t in tokens]
+        requests = [RoutingRequest(router_q=q.to(device), chunk_start=ranges[i % len(memories)][0],
+                                   chunk_end=ranges[i % len(memories)][1], num_docs=layouts[i % len(memories)].num_docs)
+                    for i, q in enumerate(queries)]
+        got_scores = document_scores_batch(requests, table, similarity, head_reduce, query_reduce, chunk_reduce,
+                                           block_c=block_c)
+        got_top = route_batch(requests, table, 3, similarity, head_reduce, query_reduce, chunk_reduce)
+        worst, ok = 0.0, True
+        for i, q in enumerate(queries):
+            memory = i % len(memories)
+            layout = layouts[memory]
+            if layout.num_docs == 0:
+                ok &= got_scores[i].numel() == 0 and got_top[i].numel() == 0
+                continue
+            # The kernel rounds the (for cosine: normalised) query to bfloat16 for 16- and 8-bit keys.
+            keys = float_keys[memory].double()
+            if dtype == torch.float32:
+                per_chunk = ref.chunk_scores(q.double(), keys, similarity, head_reduce, query_reduce)
+            else:
+                per_chunk = rounded_reference(q, keys, similarity, head_reduce, query_reduce)
+            want = ref.document_scores(per_chunk, layout, chunk_reduce)
+            got = got_scores[i].cpu().double()
+            error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+            worst = max(worst, error)
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-4
+            ok &= bool(torch.isfinite(got).all()) and error < tolerance
+            # The selection: exactly the reference's when exact; else every chosen document's
+            # reference score is within the tolerance of the reference's k-th best.
+            want_top = ref.select_top_k(want, 3)
+            if dtype == torch.float32:
+                ok &= got_top[i].tolist() == want_top.tolist()
+            else:
+                kth = want[want_top[-1]]
+                ok &= len(got_top[i]) == len(want_top) and bool(
+                    (want[got_top[i]] >= kth - tolerance * want.abs().max()).all())
+        failures += not ok
+        print(f"{'ok ' if ok else 'BAD'} T={tokens} H={heads}/{kv_heads} d={dim} docs={[len(m) for m in memories]} "
+              f"{str(dtype).replace('torch.', '')} {similarity}/{head_reduce}/{query_reduce}/{chunk_reduce} "
+              f"rel_err={worst:.1e}")
+    return failures
 
 
 def main() -> None:
-    gen = torch.Generator().manual_seed(int(sys.argv[1]) if len(sys.argv) > 1 else torch.seed() % 2**31)
-    shapes = [  # (tokens, heads, kv heads, head dim, document lengths, chunk size)
-        (1, 4, 2, 16, [5, 9, 3], 4),          # one routing token, GQA 2, partial chunks
-        (3, 6, 2, 24, [13, 1, 40, 7], 8),     # odd head dim (masked), GQA 3
-        (2, 4, 4, 8, [70], 4),                # single document, chunks over one tile
-        (5, 8, 1, 32, [3] * 30, 2),           # MQA, many small documents
-    ]
-    failures = 0
-    for (tokens, heads, kv_heads, dim, doc_lens, chunk), similarity, head_reduce, query_reduce in itertools.product(
-        shapes, ("dot", "cosine"), ("mean", "max"), ("max", "mean", "last")
-    ):
-        q = torch.randn(tokens, heads, dim, generator=gen)
-        keys = ref.pool_chunks(torch.randn(sum(doc_lens), kv_heads, dim, generator=gen), doc_lens, chunk)
-        got = chunk_scores(q, keys, similarity, head_reduce, query_reduce, block_c=16)
-        want = ref.chunk_scores(q, keys, similarity, head_reduce, query_reduce)
-        error = (got - want).abs().max().item()
-        layout = ref.chunk_layout(doc_lens, chunk)
-        same_docs = route_with_scan(q, keys, layout, 3, similarity, head_reduce, query_reduce).tolist() == \
-            ref.route_documents(q, keys, layout, 3, similarity, head_reduce, query_reduce).tolist()
-        ok = not torch.isnan(got).any() and error < 1e-5 and same_docs
-        failures += not ok
-        print(f"{'ok ' if ok else 'BAD'} T={tokens} H={heads}/{kv_heads} d={dim} C={keys.shape[0]} "
-              f"{similarity}/{head_reduce}/{query_reduce} max_err={error:.2e} same_top3={same_docs}")
-    empty = chunk_scores(torch.randn(2, 4, 8), torch.zeros(0, 2, 8))
-    assert empty.shape == (0,)
-    assert route_with_scan(torch.randn(2, 4, 8), torch.zeros(0, 2, 8), ref.chunk_layout([], 4), 16).tolist() == []
+    parser = argparse.ArgumentParser()
+    parser.add_argument("seed", type=int, nargs="?", default=torch.seed() % 2**31)
+    parser.add_argument("--gpu", action="store_true", help="tiny and MSA-4B shapes on the GPU (compiled kernels)")
+    args = parser.parse_args()
+    gen = torch.Generator().manual_seed(args.seed)
+    dtypes = [torch.float32, torch.bfloat16, "fp8"]
+    if args.gpu:
+        failures = check(TINY, dtypes, GPU_REDUCTIONS, "cuda", 16, gen) + \
+            check(REAL, dtypes[1:], GPU_REDUCTIONS, "cuda", 64, gen)
+    else:
+        failures = check(TINY, dtypes, ALL_REDUCTIONS, "cpu", 16, gen)
+    print(f"seed {args.seed}: {failures} failures")
     sys.exit(1 if failures else 0)
 
 
