@@ -63,6 +63,11 @@ class MSAOptions(BaseModel):
     memory_budget_mb: float = Field(
         1024.0, gt=0, description="bytes all memories may hold in the server; ingestion beyond is refused"
     )
+    kernels: Literal["auto", "torch", "triton"] = Field(
+        "auto",
+        description="how routing, pooling and memory attention run: 'triton' (the fused GPU kernels of "
+        "sglang_msa.kernels), 'torch' (the pure-PyTorch reference path); auto = triton on a GPU, torch on a CPU",
+    )
 
     @field_validator("routed_layers")
     @classmethod
@@ -71,6 +76,12 @@ class MSAOptions(BaseModel):
             if not value or len(set(value)) != len(value) or min(value) < 0:
                 raise ValueError("routed_layers must be distinct non-negative layer indices")
         return value
+
+    def kernel_path(self, device: str) -> Literal["torch", "triton"]:
+        """The path `kernels` resolves to on `device` ('triton' on a CPU needs TRITON_INTERPRET=1)."""
+        if self.kernels != "auto":
+            return self.kernels
+        return "triton" if str(device).startswith("cuda") else "torch"
 
     def routed_layer_ids(self, num_layers: int) -> list[int]:
         if self.routed_layers == "all":

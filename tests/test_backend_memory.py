@@ -7,6 +7,10 @@ attention outputs must equal `sglang_msa.kernels.reference` on the same tensors.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import types
 
 import pytest
@@ -79,6 +83,23 @@ class Harness:
         self.backend.init_forward_metadata(batch)
         return self.backend.forward(q, k, v, self.layer, batch), batch.positions
 
+    def extend_batch(self, items, decode_slots: int = 0):
+        """One prefill batch of several new requests, (rid, q, k, v) each, each with `decode_slots`
+        more KV slots reserved after its prompt. Returns (out, rows, slots)."""
+        lengths = [k.shape[0] for _, _, k, _ in items]
+        rows, slots = zip(*(self.new_request(n + decode_slots) for n in lengths))
+        batch = self.parts.ForwardBatch(
+            forward_mode=self.parts.ForwardMode.EXTEND, batch_size=len(items),
+            input_ids=torch.zeros(sum(lengths), dtype=torch.long), req_pool_indices=torch.tensor(rows),
+            seq_lens=torch.tensor(lengths), out_cache_loc=torch.cat([s[:n] for s, n in zip(slots, lengths)]),
+            seq_lens_sum=sum(lengths),
+            extend_seq_lens=torch.tensor(lengths), extend_prefix_lens=torch.zeros(len(items), dtype=torch.long),
+            positions=torch.cat([torch.arange(n) for n in lengths]), rids=[rid for rid, *_ in items],
+        )
+        self.backend.init_forward_metadata(batch)
+        q, k, v = (torch.cat([item[i] for item in items]) for i in (1, 2, 3))
+        return self.backend.forward(q, k, v, self.layer, batch), rows, slots
+
     def decode(self, rid, row, slot, seq_len, q, k, v):
         batch = self.parts.ForwardBatch(
             forward_mode=self.parts.ForwardMode.DECODE, batch_size=1, input_ids=torch.zeros(1, dtype=torch.long),
@@ -89,11 +110,34 @@ class Harness:
         return self.backend.forward(q, k, v, self.layer, batch), batch.positions
 
 
+# Both serving paths: the PyTorch reference path, and the Triton kernels (compiled on a GPU, where
+# benchmarks/gpu_check.sh checks them; here under Triton's interpreter, which must be on before
+# anything imports triton: `test_triton_path_in_an_interpreter_process` runs those cases in a child).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(params=["torch", "triton"] if INTERPRETED else ["torch"])
+def kernels(request):
+    return request.param
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the child process itself")
+def test_triton_path_in_an_interpreter_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton and not interpreter"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    tail = result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.returncode == 0, tail
+    assert re.search(r"\b6 passed\b", result.stdout), tail  # 4 match-reference cases, empty memory, a batch
+
+
 @pytest.mark.parametrize("memory_content", ["full", "pooled"])
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
-def test_ingest_route_attend_match_reference(parts, memory_content, similarity):
+def test_ingest_route_attend_match_reference(parts, memory_content, similarity, kernels):
     gen = torch.Generator().manual_seed(hash((memory_content, similarity)) % 2**31)
-    options = MSAOptions(top_k_docs=2, chunk_size=4, memory_content=memory_content, similarity=similarity)
+    options = MSAOptions(top_k_docs=2, chunk_size=4, memory_content=memory_content, similarity=similarity,
+                         kernels=kernels)
     harness = Harness(parts, options)
     store = harness.service.store
     assert store.create(MEMORY)
@@ -180,9 +224,9 @@ def test_ingest_route_attend_match_reference(parts, memory_content, similarity):
     assert expected_gids[0] not in gids_after and len(gids_after) == 2
 
 
-def test_query_on_empty_memory_equals_dense(parts):
+def test_query_on_empty_memory_equals_dense(parts, kernels):
     """No documents: the memory part is empty and the output is plain causal attention."""
-    harness = Harness(parts, MSAOptions(top_k_docs=4, chunk_size=4))
+    harness = Harness(parts, MSAOptions(top_k_docs=4, chunk_size=4, kernels=kernels))
     harness.service.store.create("empty")
     gen = torch.Generator().manual_seed(5)
     n = 6
@@ -227,3 +271,67 @@ def test_routing_only_sees_the_named_memory(parts):
         harness.extend(rid, row, slots, q, torch.randn(5, HKV, D, generator=gen), torch.randn(5, HKV, D, generator=gen))
         selected = harness.service.take_report(rid)["layers"]["0"]["doc_gids"]
         assert len(selected) == 3 and set(selected) <= allowed
+
+
+def test_a_batch_of_queries_each_matches_its_own_reference(parts, kernels):
+    """Three queries in one prefill batch, then one decode batch: two memories (one empty),
+    different template and prompt lengths. Every request's rows equal the reference over its own
+    selection (the Triton path plans the whole batch at once)."""
+    gen = torch.Generator().manual_seed(11)
+    harness = Harness(parts, MSAOptions(top_k_docs=2, chunk_size=4, memory_content="pooled", kernels=kernels))
+    store = harness.service.store
+    store.create("full-mem")
+    store.create("empty-mem")
+    pooled = {}
+    for gid, n in enumerate(DOC_LENS):
+        k, v = torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)
+        harness.service.registry.put(f"i{gid}", IngestState(IngestParams(op="ingest", memory_id="full-mem", gid=gid),
+                                                            num_tokens=n))
+        harness.extend_batch([(f"i{gid}", torch.randn(n, H * D, generator=gen), k, v)])
+        pooled[gid] = (ref.pool_chunks(k, [n], 4), ref.pool_chunks(v, [n], 4))
+    queries = [("qa", "full-mem", 6, 2), ("qb", "empty-mem", 4, 1), ("qc", "full-mem", 9, 3)]  # rid, memory, len, T
+    items, tensors = [], {}
+    for rid, memory, n, template in queries:
+        harness.service.registry.put(rid, QueryState(
+            params=QueryParams(memory_id=memory, template_tokens=template), prompt_len=n,
+            routing_spans=[(template, n)], position_offset=30))
+        q = torch.randn(n + 1, H * D, generator=gen)
+        k, v = torch.randn(n + 1, HKV, D, generator=gen), torch.randn(n + 1, HKV, D, generator=gen)
+        tensors[rid] = (q, k, v)
+        items.append((rid, q[:n], k[:n], v[:n]))
+    out, rows, slots = harness.extend_batch(items, decode_slots=1)
+
+    def expected(rid, memory, n, template, queries, context_len):
+        q, k, v = tensors[rid]
+        gids = harness.service.registry.get(rid).report()["layers"]["0"]["doc_gids"]
+        empty = k[:0]
+        return ref.msa_attention(ref.AttentionInputs(
+            q=queries, prefix_k=k[:template], prefix_v=v[:template],
+            memory_k=torch.cat([pooled[g][0] for g in gids]) if gids else empty,
+            memory_v=torch.cat([pooled[g][1] for g in gids]) if gids else empty,
+            local_k=k[template:context_len], local_v=v[template:context_len], scale=D**-0.5,
+        )).reshape(queries.shape[0], H * D), gids
+
+    start = 0
+    for rid, memory, n, template in queries:
+        q = tensors[rid][0].view(n + 1, H, D)
+        want, gids = expected(rid, memory, n, template, q[template:n], n)
+        assert (gids == []) == (memory == "empty-mem") and len(gids) <= 2
+        torch.testing.assert_close(out[start + template : start + n], want, rtol=1e-5, atol=1e-5)
+        start += n
+
+    # one decode step for all three (the batched path reuses the selections' rows from the prefill)
+    decode = harness.parts.ForwardBatch(
+        forward_mode=harness.parts.ForwardMode.DECODE, batch_size=3, input_ids=torch.zeros(3, dtype=torch.long),
+        req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor([n + 1 for _, _, n, _ in queries]),
+        out_cache_loc=torch.stack([s[-1] for s in slots]), seq_lens_sum=sum(n + 1 for _, _, n, _ in queries),
+        positions=torch.tensor([n for _, _, n, _ in queries]), rids=[rid for rid, *_ in queries],
+    )
+    harness.backend.init_forward_metadata(decode)
+    q_dec = torch.cat([tensors[rid][0][n : n + 1] for rid, _, n, _ in queries])
+    k_dec = torch.cat([tensors[rid][1][n : n + 1] for rid, _, n, _ in queries])
+    v_dec = torch.cat([tensors[rid][2][n : n + 1] for rid, _, n, _ in queries])
+    out_dec = harness.backend.forward(q_dec, k_dec, v_dec, harness.layer, decode)
+    for i, (rid, memory, n, template) in enumerate(queries):
+        want, _ = expected(rid, memory, n, template, tensors[rid][0].view(n + 1, H, D)[n : n + 1], n + 1)
+        torch.testing.assert_close(out_dec[i : i + 1], want, rtol=1e-5, atol=1e-5)

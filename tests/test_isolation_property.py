@@ -24,22 +24,6 @@ operation = st.one_of(
 )
 
 
-def run_batch(harness: Harness, items: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """One prefill batch holding several requests: (rid, q, k, v) each."""
-    lengths = [k.shape[0] for _, _, k, _ in items]
-    rows, slots = zip(*(harness.new_request(n) for n in lengths))
-    batch = harness.parts.ForwardBatch(
-        forward_mode=harness.parts.ForwardMode.EXTEND, batch_size=len(items),
-        input_ids=torch.zeros(sum(lengths), dtype=torch.long), req_pool_indices=torch.tensor(rows),
-        seq_lens=torch.tensor(lengths), out_cache_loc=torch.cat(slots), seq_lens_sum=sum(lengths),
-        extend_seq_lens=torch.tensor(lengths), extend_prefix_lens=torch.zeros(len(items), dtype=torch.long),
-        positions=torch.cat([torch.arange(n) for n in lengths]), rids=[rid for rid, *_ in items],
-    )
-    harness.backend.init_forward_metadata(batch)
-    q, k, v = (torch.cat([item[i] for item in items]) for i in (1, 2, 3))
-    harness.backend.forward(q, k, v, harness.layer, batch)
-
-
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(operations=st.lists(operation, min_size=1, max_size=14), seed=st.integers(0, 2**16))
 def test_queries_only_ever_see_their_own_live_documents(parts, operations, seed):  # noqa: F811
@@ -57,7 +41,7 @@ def test_queries_only_ever_see_their_own_live_documents(parts, operations, seed)
             rid = f"ingest-{step}"
             harness.service.registry.put(rid, IngestState(IngestParams(op="ingest", memory_id=tenant, gid=next_gid),
                                                           num_tokens=n))
-            run_batch(harness, [(rid, torch.randn(n, H * D, generator=gen), k, torch.randn(n, HKV, D, generator=gen))])
+            harness.extend_batch([(rid, torch.randn(n, H * D, generator=gen), k, torch.randn(n, HKV, D, generator=gen))])
             assert harness.service.take_report(rid)["committed"]
             owned[tenant][next_gid] = ref.pool_chunks(k, [n], CHUNK)
             next_gid += 1
@@ -83,7 +67,7 @@ def test_queries_only_ever_see_their_own_live_documents(parts, operations, seed)
                     expected[rid] = [gids[j] for j in ref.select_top_k(scores, TOP_K).tolist()]
                 else:
                     expected[rid] = []
-            run_batch(harness, items)
+            harness.extend_batch(items)
             for rid, *_ in items:
                 tenant = op[1][int(rid.rsplit("-", 1)[1])]
                 selected = harness.service.take_report(rid)["layers"]["0"]["doc_gids"]

@@ -10,7 +10,10 @@ exactly `--attention-backend torch_native`. Then, in the routed layers only:
   selection, and its tokens after the template are recomputed as attention over
   [template ; selected documents ; local causal context], merged by log-sum-exp.
 
-This is the pure-torch (CPU) path; it computes the math of `sglang_msa.kernels.reference`.
+With `kernels="torch"` (the default on a CPU) every step is the pure-PyTorch math of
+`sglang_msa.kernels.reference`; with `kernels="triton"` (the default on a GPU) pooling, routing
+and the memory attention of the whole batch run as the Triton kernels of `sglang_msa.kernels`
+(`kernel_attention`: planned once per batch, run per layer).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
 from sglang_msa.attention_backend import memory_ops
+from sglang_msa.attention_backend.kernel_attention import BatchMemoryRows, ContextPlan, attend_batch, plan_context
 from sglang_msa.attention_backend.plan import BatchPlan, plan_batch
 from sglang_msa.memory_manager.service import ModelFacts, start_service
 
@@ -34,10 +38,17 @@ class MSAAttnBackend(TorchNativeAttnBackend):
         self.routed_layers = frozenset(self.service.routed_layers)
         self.last_routed_layer = max(self.service.routed_layers)
         self.plan: BatchPlan | None = None
+        self.kernels = self.service.options.kernel_path(model_runner.device)
+        self.context: ContextPlan | None = None  # the Triton path's per-batch plan
+        self.memory_rows = BatchMemoryRows()
+        logger.info("sglang-msa: %s kernels for routing, pooling and memory attention", self.kernels)
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
         self.plan = plan_batch(forward_batch, self.service.registry)
+        self.context = None
+        if self.kernels == "triton" and self.plan is not None and self.plan.queries:
+            self.context = plan_context(self.plan.queries, self.req_to_token_pool.req_to_token)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, router_q=None, router_k=None,
                        **kwargs):
@@ -73,6 +84,7 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                 key_buffer[slots], value_buffer[slots], options.chunk_size,
                 keep_full=options.memory_content == "full",
                 router_keys=torch.cat(state.router_keys.pop(layer.layer_id)) if router_k is not None else None,
+                kernels=self.kernels,
             )
             if layer.layer_id == self.last_routed_layer:
                 memory_ops.commit_ingestion(self.service.store, state)
@@ -94,8 +106,16 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                     )
                     state.selections[layer.layer_id] = memory_ops.route(
                         self.service.store, state.params.memory_id, layer.layer_id, routing_queries, options,
-                        key_buffer,
+                        key_buffer, self.kernels,
                     )
+        if self.context is not None:
+            selections = [request.state.selections[layer.layer_id] for request in self.context.requests]
+            attend_batch(q, out, layer, self.context, selections, key_buffer, value_buffer, self.memory_rows)
+            return out
+        for request in plan.queries:
+            rows = slice(request.token_start, request.token_start + request.num_new)
+            q_request = q[rows].view(request.num_new, layer.tp_q_head_num, layer.qk_head_dim)
+            state = request.state
             slots = req_to_token[request.row, : request.seq_len].long()
             attended = memory_ops.attend(
                 q_request, key_buffer[slots], value_buffer[slots], state.selections[layer.layer_id],

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from sglang_msa.config import MSAOptions
-from sglang_msa.kernels import reference as ref
+from sglang_msa.kernels import pooling, reference as ref, routing_scan
 from sglang_msa.memory_manager.requests import IngestState, LayerSelection
 from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, MemoryStore, StoredDocument
 
@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 def pool_document(
     keys: torch.Tensor, values: torch.Tensor, chunk_size: int, keep_full: bool,
-    router_keys: torch.Tensor | None = None,
+    router_keys: torch.Tensor | None = None, kernels: str = "torch",
 ) -> LayerTensors:
     """One document's routed-layer tensors from its token K (after RoPE), V and, for MSA
     checkpoints, router keys, all [n, Hkv, d].
@@ -26,9 +26,14 @@ def pool_document(
     alone (the rows gathered from the KV pool are such copies).
     """
     n = keys.shape[0]
-    pooled_k = ref.pool_chunks(keys, [n], chunk_size)
-    pooled_v = ref.pool_chunks(values, [n], chunk_size)
-    pooled_router_k = pooled_k if router_keys is None else ref.pool_chunks(router_keys, [n], chunk_size)
+    if kernels == "triton":
+        pooled_k, pooled_v, pooled_router_k = pooling.pool_layer(keys, values, router_keys, [n], chunk_size)
+    else:
+        pooled_k = ref.pool_chunks(keys, [n], chunk_size)
+        pooled_v = ref.pool_chunks(values, [n], chunk_size)
+        pooled_router_k = None if router_keys is None else ref.pool_chunks(router_keys, [n], chunk_size)
+    if pooled_router_k is None:
+        pooled_router_k = pooled_k
     return LayerTensors(
         pooled_k=pooled_k, pooled_v=pooled_v, router_k=pooled_router_k,
         full_k=keys if keep_full else None, full_v=values if keep_full else None,
@@ -57,11 +62,12 @@ def empty_selection(like: torch.Tensor) -> LayerSelection:
 
 def route(
     store: MemoryStore, memory_id: str, layer_id: int, router_q: torch.Tensor, options: MSAOptions,
-    like: torch.Tensor,
+    like: torch.Tensor, kernels: str = "torch",
 ) -> LayerSelection:
     """Score the memory's documents for this request in this layer and keep the top-k.
 
-    `like` ([*, Hkv, d], the layer's KV buffer) gives the shape of an empty selection.
+    `like` ([*, Hkv, d], the layer's KV buffer) gives the shape of an empty selection. `kernels`
+    "triton" scores with the fused routing scan, "torch" with the reference.
     """
     try:
         view = store.routing_view(memory_id, layer_id)
@@ -70,9 +76,18 @@ def route(
     if not view.gids:
         return empty_selection(like)
     similarity = "dot" if options.similarity == "auto" else options.similarity
-    per_chunk = ref.chunk_scores(router_q, view.router_keys, similarity, options.head_reduce, options.query_reduce)
-    doc_scores = ref.document_scores(per_chunk, view.layout, options.chunk_reduce)
-    chosen = ref.select_top_k(doc_scores, options.top_k_docs).tolist()
+    reductions = (similarity, options.head_reduce, options.query_reduce, options.chunk_reduce)
+    if kernels == "triton":
+        request = routing_scan.RoutingRequest(router_q=router_q, chunk_start=0, chunk_end=view.layout.num_chunks,
+                                              num_docs=len(view.gids))
+        plan = routing_scan.RoutingPlan.build([request], router_q.device, *reductions)
+        device_scores = routing_scan.scan_layer(plan, [router_q], view.key_table())
+        chosen = routing_scan.top_k_per_request([device_scores], options.top_k_docs)[0].tolist()
+        doc_scores = device_scores.cpu()
+    else:
+        per_chunk = ref.chunk_scores(router_q, view.router_keys, *reductions[:3])
+        doc_scores = ref.document_scores(per_chunk, view.layout, options.chunk_reduce)
+        chosen = ref.select_top_k(doc_scores, options.top_k_docs).tolist()
     gids = [view.gids[i] for i in chosen]
     docs = store.documents(memory_id, gids)
     if options.memory_content == "full":

@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from sglang_msa.kernels.reference import ChunkLayout, chunk_layout
+from sglang_msa.kernels.routing_scan import RouterKeyTable
 
 
 class MemoryOperationError(Exception):
@@ -95,6 +96,14 @@ class RoutingView:
     gids: list[int]
     router_keys: torch.Tensor  # [C_total, Hkv, d]
     layout: ChunkLayout
+    _key_table: list = field(default_factory=list, compare=False, repr=False)
+
+    def key_table(self) -> RouterKeyTable:
+        """The view as the Triton routing scan reads it, built on first use (views are rebuilt
+        whenever the memory changes, so this never goes stale)."""
+        if not self._key_table:
+            self._key_table.append(RouterKeyTable.from_layout(self.router_keys, self.layout))
+        return self._key_table[0]
 
 
 @dataclass
