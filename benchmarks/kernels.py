@@ -41,6 +41,20 @@ def bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
+def bench_graph_ms(fn) -> float:
+    """`fn` captured once in a CUDA graph and timed by replays: device time without Python's
+    launch overhead (NaN, with the reason printed, if it cannot be captured)."""
+    try:
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench_ms(graph.replay)
+    except Exception as exc:  # report and go on: the other numbers still count
+        print(f"  (CUDA graph capture failed: {exc!r})")
+        return float("nan")
+
+
 def copy_bandwidth() -> dict:
     src = torch.randn(2 * 1024**3 // 4, device="cuda")  # 2 GiB
     dst = torch.empty_like(src)
@@ -74,18 +88,22 @@ def routing_scan(memory_tokens: int, key_format: str, routing_tokens: int, doc_t
     plan = RoutingPlan.build([RoutingRequest(router_q=query, chunk_start=0, chunk_end=num_chunks, num_docs=num_docs)],
                              "cuda")
 
-    def scan_all_layers():
+    def scan_all_layers(block_c=64):
         for table in tables:
-            scan_layer(plan, [query], table)
+            scan_layer(plan, [query], table, block_c=block_c)
 
     def route_all_layers():  # scan + top-16 documents of every layer, indices on the host
         return [top_k_per_request(split_scores(plan, scan_layer(plan, [query], table)), 16) for table in tables]
 
-    ms = bench_ms(scan_all_layers)
+    by_block = {block_c: bench_ms(lambda: scan_all_layers(block_c)) for block_c in (64, 128, 256)}
+    ms = by_block[64]
     route_ms = bench_ms(route_all_layers)
     selected = route_all_layers()[0][0]
+    # the same 18 scans replayed from a CUDA graph: device time without Python's launch overhead
+    graph_ms = bench_graph_ms(scan_all_layers)
     return {"memory_tokens": num_chunks * CHUNK, "key_format": key_format, "routing_tokens": routing_tokens,
             "documents": num_docs, "key_bytes": key_bytes, "ms_all_layers": ms, "gbps": key_bytes / ms / 1e6,
+            "ms_by_block_c": by_block, "ms_graph_replay": graph_ms, "gbps_graph_replay": key_bytes / graph_ms / 1e6,
             "ms_route_all_layers": route_ms, "selected": int(selected.numel())}
 
 
@@ -102,6 +120,7 @@ def memory_attention_decode(batch: int, rows: int) -> dict:
     out = torch.empty(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.float32)
     lse = torch.empty(batch, Q_HEADS, device="cuda", dtype=torch.float32)
     indexed_ms = bench_ms(lambda: indexed_attention(q, k_pool, v_pool, index, meta, scale, out=out, lse=lse))
+    graph_ms = bench_graph_ms(lambda: indexed_attention(q, k_pool, v_pool, index, meta, scale, out=out, lse=lse))
     # the same rows stored contiguously per request, through PyTorch's fused attention
     k_dense = k_pool[index.long()].view(batch, rows, KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
     v_dense = v_pool[index.long()].view(batch, rows, KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
@@ -112,7 +131,8 @@ def memory_attention_decode(batch: int, rows: int) -> dict:
     want = sdpa(q_dense, k_dense, v_dense, scale=scale, enable_gqa=True).float().view(batch, Q_HEADS, HEAD_DIM)
     error = ((got - want).abs().max() / want.abs().max()).item()
     kv_bytes = 2 * batch * rows * KV_HEADS * HEAD_DIM * 2
-    return {"batch": batch, "rows_per_request": rows, "indexed_ms": indexed_ms, "sdpa_contiguous_ms": dense_ms,
+    return {"batch": batch, "rows_per_request": rows, "indexed_ms": indexed_ms, "indexed_graph_ms": graph_ms,
+            "sdpa_contiguous_ms": dense_ms,
             "ratio": indexed_ms / dense_ms, "indexed_gbps": kv_bytes / indexed_ms / 1e6, "rel_err_vs_sdpa": error}
 
 
@@ -143,13 +163,17 @@ def main() -> None:
             torch.cuda.empty_cache()  # the keys of this size are gone with the call
             row["fraction_of_copy"] = row["gbps"] / copy_gbps
             result["routing"].append(row)
+            row["graph_fraction_of_copy"] = row["gbps_graph_replay"] / copy_gbps
+            blocks = " ".join(f"{b}:{t:.2f}" for b, t in row["ms_by_block_c"].items())
             print(f"routing {size:>11,} tokens {key_format:4}: {row['ms_all_layers']:8.3f} ms for "
                   f"{ROUTED_LAYERS} layers, {row['gbps']:6.0f} GB/s = {row['fraction_of_copy']:.0%} of copy; "
-                  f"with top-16: {row['ms_route_all_layers']:8.3f} ms", flush=True)
+                  f"graph replay {row['ms_graph_replay']:7.3f} ms = {row['graph_fraction_of_copy']:.0%}; "
+                  f"with top-16: {row['ms_route_all_layers']:7.3f} ms; ms by BLOCK_C {blocks}", flush=True)
     for batch, rows in ((1, 1024), (32, 1024), (32, 4096), (128, 1024), (8, 16384)):
         row = memory_attention_decode(batch, rows)
         result["decode"].append(row)
-        print(f"decode batch {batch:3} × {rows:5} rows: indexed {row['indexed_ms'] * 1e3:7.1f} µs, SDPA contiguous "
+        print(f"decode batch {batch:3} × {rows:5} rows: indexed {row['indexed_ms'] * 1e3:7.1f} µs "
+              f"(graph replay {row['indexed_graph_ms'] * 1e3:6.1f} µs), SDPA contiguous "
               f"{row['sdpa_contiguous_ms'] * 1e3:7.1f} µs, ratio {row['ratio']:.2f}, err {row['rel_err_vs_sdpa']:.1e}",
               flush=True)
     for tokens in (1 << 20,):

@@ -30,8 +30,9 @@ ALL_REDUCTIONS = list(itertools.product(("dot", "cosine"), ("mean", "max"), ("ma
 GPU_REDUCTIONS = [("dot", "mean", "max", "max"), ("cosine", "max", "mean", "mean"), ("dot", "max", "last", "max")]
 
 
-def rounded_reference(q, keys, similarity, head_reduce, query_reduce):
-    """The reference as the kernel rounds its query to bfloat16 for 16- and 8-bit keys: for cosine
+def rounded_reference(q, keys, similarity, head_reduce, query_reduce, rounding):
+    """The reference as the kernel rounds its query to `rounding` (the keys' 16-bit dtype; float16
+    for float8 keys): for cosine
     the unit query (keys' norms are divided out after the product), for a head mean the sum of each
     GQA group's queries (the mean over H heads is the mean over Hkv summed heads × Hkv / H)."""
     heads, kv_heads, dim = q.shape[1], keys.shape[1], q.shape[2]
@@ -42,14 +43,14 @@ def rounded_reference(q, keys, similarity, head_reduce, query_reduce):
         summed = q.float().view(q.shape[0], kv_heads, heads // kv_heads, dim).sum(dim=2)
         if similarity == "cosine":
             summed = q.float().view(q.shape[0], kv_heads, heads // kv_heads, dim).div(dim**0.5).sum(dim=2)
-            summed = summed.bfloat16().double() * dim**0.5
+            summed = summed.to(rounding).double() * dim**0.5
         else:
-            summed = summed.bfloat16().double()
+            summed = summed.to(rounding).double()
         return ref.chunk_scores(summed, keys, "dot", "mean", query_reduce) * kv_heads / heads
     if similarity == "cosine":
-        q = (q / dim**0.5).bfloat16().double() * dim**0.5
+        q = (q / dim**0.5).to(rounding).double() * dim**0.5
     else:
-        q = q.bfloat16().double()
+        q = q.to(rounding).double()
     return ref.chunk_scores(q, keys, "dot", head_reduce, query_reduce)
 
 
@@ -85,12 +86,12 @@ def check(shapes, dtypes, reductions, device, block_c, gen) -> int:
             if layout.num_docs == 0:
                 ok &= got_scores[i].numel() == 0 and got_top[i].numel() == 0
                 continue
-            # The kernel rounds the (for cosine: normalised) query to bfloat16 for 16- and 8-bit keys.
             keys = float_keys[memory].double()
             if dtype == torch.float32:
                 per_chunk = ref.chunk_scores(q.double(), keys, similarity, head_reduce, query_reduce)
             else:
-                per_chunk = rounded_reference(q, keys, similarity, head_reduce, query_reduce)
+                rounding = torch.float16 if dtype == "fp8" else dtype
+                per_chunk = rounded_reference(q, keys, similarity, head_reduce, query_reduce, rounding)
             want = ref.document_scores(per_chunk, layout, chunk_reduce)
             got = got_scores[i].cpu().double()
             error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
