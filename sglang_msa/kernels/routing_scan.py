@@ -232,15 +232,20 @@ class RoutingPlan:
         )
 
 
-def scan_layer(plan: RoutingPlan, router_q: list[torch.Tensor], table: RouterKeyTable, block_c: int = 64) -> torch.Tensor:
+def scan_layer(
+    plan: RoutingPlan, router_q: list[torch.Tensor], table: RouterKeyTable, block_c: int | None = None,
+) -> torch.Tensor:
     """One routed layer: every request's document scores, back to back ([sum of num_docs] float32,
     request r at plan.doc_offsets[r]:plan.doc_offsets[r+1]), in one kernel launch.
 
-    router_q: each request's [T, H, d] routing queries in this layer."""
+    router_q: each request's [T, H, d] routing queries in this layer. block_c: chunks per program;
+    None = 128 for float8 keys, 64 otherwise (the fastest in benchmarks/kernels.py's sweep on an H100)."""
     import triton
 
     keys = table.keys
     _, num_kv_heads, dim = keys.shape
+    if block_c is None:
+        block_c = 128 if keys.dtype in FP8_DTYPES else 64
     fill = 0.0 if plan.chunk_reduce == "mean" else float("-inf")
     out = torch.full((max(plan.doc_offsets[-1], 1),), fill, dtype=torch.float32, device=keys.device)
     if not router_q or plan.longest_range == 0:
@@ -280,7 +285,7 @@ def scan_layer(plan: RoutingPlan, router_q: list[torch.Tensor], table: RouterKey
 def document_scores_batch(
     requests: list[RoutingRequest], table: RouterKeyTable, similarity: ref.Similarity = "dot",
     head_reduce: ref.HeadReduce = "mean", query_reduce: ref.QueryReduce = "max",
-    chunk_reduce: ref.ChunkReduce = "max", block_c: int = 64,
+    chunk_reduce: ref.ChunkReduce = "max", block_c: int | None = None,
 ) -> list[torch.Tensor]:
     """Every request's [num_docs] float32 document scores (`reference.document_scores` of
     `reference.chunk_scores`) in one layer: a plan and one scan."""

@@ -32,26 +32,19 @@ GPU_REDUCTIONS = [("dot", "mean", "max", "max"), ("cosine", "max", "mean", "mean
 
 def rounded_reference(q, keys, similarity, head_reduce, query_reduce, rounding):
     """The reference as the kernel rounds its query to `rounding` (the keys' 16-bit dtype; float16
-    for float8 keys): for cosine
-    the unit query (keys' norms are divided out after the product), for a head mean the sum of each
-    GQA group's queries (the mean over H heads is the mean over Hkv summed heads × Hkv / H)."""
+    for float8 keys): for cosine the unit query (the keys' norms are divided out after the
+    product), for a head mean the sum of each GQA group's queries (the mean over H heads is the
+    mean over the Hkv summed heads × Hkv / H)."""
     heads, kv_heads, dim = q.shape[1], keys.shape[1], q.shape[2]
-    if similarity == "cosine":
-        q = torch.nn.functional.normalize(q, dim=-1) * dim**0.5  # "dot" divides by sqrt(d) again
+    base, undo_scale = q.float(), 1.0
+    if similarity == "cosine":  # scored as "dot" below, which divides by sqrt(d)
+        base, undo_scale = torch.nn.functional.normalize(base, dim=-1), dim**0.5
         keys = torch.nn.functional.normalize(keys, dim=-1)
     if head_reduce == "mean":
-        summed = q.float().view(q.shape[0], kv_heads, heads // kv_heads, dim).sum(dim=2)
-        if similarity == "cosine":
-            summed = q.float().view(q.shape[0], kv_heads, heads // kv_heads, dim).div(dim**0.5).sum(dim=2)
-            summed = summed.to(rounding).double() * dim**0.5
-        else:
-            summed = summed.to(rounding).double()
-        return ref.chunk_scores(summed, keys, "dot", "mean", query_reduce) * kv_heads / heads
-    if similarity == "cosine":
-        q = (q / dim**0.5).to(rounding).double() * dim**0.5
-    else:
-        q = q.to(rounding).double()
-    return ref.chunk_scores(q, keys, "dot", head_reduce, query_reduce)
+        summed = base.view(q.shape[0], kv_heads, heads // kv_heads, dim).sum(dim=2)
+        return ref.chunk_scores(summed.to(rounding).double() * undo_scale, keys, "dot", "mean",
+                                query_reduce) * kv_heads / heads
+    return ref.chunk_scores(base.to(rounding).double() * undo_scale, keys, "dot", head_reduce, query_reduce)
 
 
 def check(shapes, dtypes, reductions, device, block_c, gen) -> int:
