@@ -63,6 +63,11 @@ class MSAOptions(BaseModel):
     memory_budget_mb: float = Field(
         1024.0, gt=0, description="bytes all memories may hold in the server; ingestion beyond is refused"
     )
+    router_key_format: Literal["model", "fp8"] = Field(
+        "model",
+        description="how router keys are stored: in the model's dtype, or 'fp8' (float8 e4m3 with one float32 "
+        "scale per chunk and KV head: half the bytes of bf16 keys, which the routing scan reads per query)",
+    )
     kernels: Literal["auto", "torch", "triton"] = Field(
         "auto",
         description="how routing, pooling and memory attention run: 'triton' (the fused GPU kernels of "

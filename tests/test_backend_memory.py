@@ -18,6 +18,7 @@ import torch
 
 from sglang_msa.config import MSAOptions
 from sglang_msa.kernels import reference as ref
+from sglang_msa.kernels.routing_scan import quantize_fp8
 from sglang_msa.memory_manager import service as service_module
 from sglang_msa.memory_manager.requests import IngestParams, IngestState, QueryParams, QueryState
 from sglang_msa.server_process import free_port
@@ -129,7 +130,7 @@ def test_triton_path_in_an_interpreter_process():
     )
     tail = result.stdout[-3000:] + result.stderr[-2000:]
     assert result.returncode == 0, tail
-    assert re.search(r"\b6 passed\b", result.stdout), tail  # 4 match-reference cases, empty memory, a batch
+    assert re.search(r"\b7 passed\b", result.stdout), tail  # 4 match-reference cases, empty memory, a batch, fp8
 
 
 @pytest.mark.parametrize("memory_content", ["full", "pooled"])
@@ -335,3 +336,35 @@ def test_a_batch_of_queries_each_matches_its_own_reference(parts, kernels):
     for i, (rid, memory, n, template) in enumerate(queries):
         want, _ = expected(rid, memory, n, template, tensors[rid][0].view(n + 1, H, D)[n : n + 1], n + 1)
         torch.testing.assert_close(out_dec[i : i + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_router_keys_route_on_their_dequantized_values(parts, kernels):
+    """router_key_format="fp8": router keys are stored as float8 with per-(chunk, KV head) scales
+    (a quarter of these float32 keys' bytes) and routing selects exactly the reference top-k over
+    the dequantized keys."""
+    gen = torch.Generator().manual_seed(21)
+    harness = Harness(parts, MSAOptions(top_k_docs=2, chunk_size=4, memory_content="pooled",
+                                        router_key_format="fp8", kernels=kernels))
+    store = harness.service.store
+    store.create("m")
+    dequantized = []
+    for gid, n in enumerate(DOC_LENS):
+        k = torch.randn(n, HKV, D, generator=gen)
+        harness.service.registry.put(f"i{gid}", IngestState(IngestParams(op="ingest", memory_id="m", gid=gid),
+                                                            num_tokens=n))
+        harness.extend_batch([(f"i{gid}", torch.randn(n, H * D, generator=gen), k, torch.randn(n, HKV, D, generator=gen))])
+        quantized, scales = quantize_fp8(ref.pool_chunks(k, [n], 4))
+        dequantized.append(quantized.float() * scales.unsqueeze(-1))
+    stored = store.documents("m", [0])[0].layers[0]
+    assert stored.router_k.dtype == torch.float8_e4m3fn and stored.router_k_scale.shape == (3, HKV)
+    assert stored.router_k.nbytes * 4 == stored.pooled_k.nbytes
+    n = 5
+    q = torch.randn(n, H * D, generator=gen)
+    harness.service.registry.put("q", QueryState(params=QueryParams(memory_id="m"), prompt_len=n,
+                                                 routing_spans=[(0, n)], position_offset=20))
+    harness.extend_batch([("q", q, torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen))])
+    scores = ref.document_scores(ref.chunk_scores(q.view(n, H, D), torch.cat(dequantized)),
+                                 ref.chunk_layout(DOC_LENS, 4))
+    report = harness.service.take_report("q")["layers"]["0"]
+    assert report["doc_gids"] == ref.select_top_k(scores, 2).tolist()
+    torch.testing.assert_close(torch.tensor(report["scores"]), scores[report["doc_gids"]], atol=1e-4, rtol=1e-4)

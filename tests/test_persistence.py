@@ -9,22 +9,28 @@ import torch
 
 from sglang_msa.memory_manager import persistence
 from sglang_msa.memory_manager.persistence import ArchiveMismatchError, DocumentArchive
+from sglang_msa.kernels.routing_scan import quantize_fp8
 from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, MemoryStore, StoredDocument
 from sglang_msa.server.metadata import DocumentRecord, MetadataStore
 
 FINGERPRINT = {"model": "tiny", "routed_layers": [1, 2], "chunk_size": 4, "memory_content": "full"}
 
 
-def random_document(gid: int, num_tokens: int, dtype, full: bool, router: bool, gen) -> StoredDocument:
+def random_document(gid: int, num_tokens: int, dtype, full: bool, router, gen) -> StoredDocument:
+    """router: True (own router keys), False (router keys are the pooled keys) or "fp8" (float8
+    router keys with scales)."""
     chunks = -(-num_tokens // 4)
     layers = {}
     for layer in (1, 2):
         pooled_k = torch.randn(chunks, 2, 8, generator=gen).to(dtype)
+        router_k, scales = (torch.randn(chunks, 2, 8, generator=gen).to(dtype) if router else pooled_k), None
+        if router == "fp8":
+            router_k, scales = quantize_fp8(router_k)
         layers[layer] = LayerTensors(
-            pooled_k=pooled_k, pooled_v=torch.randn(chunks, 2, 8, generator=gen).to(dtype),
-            router_k=torch.randn(chunks, 2, 8, generator=gen).to(dtype) if router else pooled_k,
+            pooled_k=pooled_k, pooled_v=torch.randn(chunks, 2, 8, generator=gen).to(dtype), router_k=router_k,
             full_k=torch.randn(num_tokens, 2, 8, generator=gen).to(dtype) if full else None,
             full_v=torch.randn(num_tokens, 2, 8, generator=gen).to(dtype) if full else None,
+            router_k_scale=scales,
         )
     return StoredDocument(gid=gid, num_tokens=num_tokens, num_chunks=chunks, layers=layers)
 
@@ -36,13 +42,14 @@ def assert_same_document(a: StoredDocument, b: StoredDocument) -> None:
             x, y = getattr(a.layers[layer], name), getattr(b.layers[layer], name)
             assert (x is None) == (y is None)
             if x is not None:
-                assert x.dtype == y.dtype and torch.equal(x, y), (layer, name)
+                assert x.dtype == y.dtype and torch.equal(x.contiguous().view(torch.uint8),
+                                                          y.contiguous().view(torch.uint8)), (layer, name)
         shared = a.layers[layer].router_k is a.layers[layer].pooled_k
         assert (b.layers[layer].router_k is b.layers[layer].pooled_k) == shared
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("full, router", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("full, router", [(True, False), (False, True), (False, False), (False, "fp8")])
 def test_documents_round_trip_bit_for_bit(tmp_path, dtype, full, router):
     gen = torch.Generator().manual_seed(0)
     archive = DocumentArchive(tmp_path, FINGERPRINT)

@@ -84,7 +84,7 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                 key_buffer[slots], value_buffer[slots], options.chunk_size,
                 keep_full=options.memory_content == "full",
                 router_keys=torch.cat(state.router_keys.pop(layer.layer_id)) if router_k is not None else None,
-                kernels=self.kernels,
+                kernels=self.kernels, router_key_format=options.router_key_format,
             )
             if layer.layer_id == self.last_routed_layer:
                 memory_ops.commit_ingestion(self.service.store, state)

@@ -16,12 +16,13 @@ logger = logging.getLogger(__name__)
 
 def pool_document(
     keys: torch.Tensor, values: torch.Tensor, chunk_size: int, keep_full: bool,
-    router_keys: torch.Tensor | None = None, kernels: str = "torch",
+    router_keys: torch.Tensor | None = None, kernels: str = "torch", router_key_format: str = "model",
 ) -> LayerTensors:
     """One document's routed-layer tensors from its token K (after RoPE), V and, for MSA
     checkpoints, router keys, all [n, Hkv, d].
 
-    Training-free routing (no router keys) uses the pooled keys themselves as router keys. In
+    Training-free routing (no router keys) uses the pooled keys themselves as router keys;
+    `router_key_format="fp8"` stores router keys as float8 with one scale per (chunk, KV head). In
     full-resolution mode `keys` and `values` are kept as they are: pass tensors of this document
     alone (the rows gathered from the KV pool are such copies).
     """
@@ -34,9 +35,12 @@ def pool_document(
         pooled_router_k = None if router_keys is None else ref.pool_chunks(router_keys, [n], chunk_size)
     if pooled_router_k is None:
         pooled_router_k = pooled_k
+    scales = None
+    if router_key_format == "fp8":  # a float8 copy even of pooled keys: routing reads only these
+        pooled_router_k, scales = routing_scan.quantize_fp8(pooled_router_k)
     return LayerTensors(
         pooled_k=pooled_k, pooled_v=pooled_v, router_k=pooled_router_k,
-        full_k=keys if keep_full else None, full_v=values if keep_full else None,
+        full_k=keys if keep_full else None, full_v=values if keep_full else None, router_k_scale=scales,
     )
 
 
@@ -85,7 +89,7 @@ def route(
         chosen = routing_scan.top_k_per_request([device_scores], options.top_k_docs)[0].tolist()
         doc_scores = device_scores.cpu()
     else:
-        per_chunk = ref.chunk_scores(router_q, view.router_keys, *reductions[:3])
+        per_chunk = ref.chunk_scores(router_q, view.float_keys(), *reductions[:3])
         doc_scores = ref.document_scores(per_chunk, view.layout, options.chunk_reduce)
         chosen = ref.select_top_k(doc_scores, options.top_k_docs).tolist()
     gids = [view.gids[i] for i in chosen]

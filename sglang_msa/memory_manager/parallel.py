@@ -76,7 +76,7 @@ def route_sharded(router_q: torch.Tensor, shard: RoutingView, rows_per_doc: dict
     for requester, q in enumerate(queries):
         if not shard.gids or q.shape[0] == 0:
             continue
-        per_chunk = ref.chunk_scores(q, shard.router_keys.float(), similarity, options.head_reduce,
+        per_chunk = ref.chunk_scores(q, shard.float_keys().float(), similarity, options.head_reduce,
                                      options.query_reduce)
         doc_scores = ref.document_scores(per_chunk, shard.layout, options.chunk_reduce)
         for slot, index in enumerate(ref.select_top_k(doc_scores, k).tolist()):

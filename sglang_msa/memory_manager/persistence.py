@@ -27,7 +27,7 @@ from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, 
 logger = logging.getLogger(__name__)
 
 FORMAT = "sglang-msa-document-1"
-TENSOR_NAMES = ("pooled_k", "pooled_v", "router_k", "full_k", "full_v")
+TENSOR_NAMES = ("pooled_k", "pooled_v", "router_k", "full_k", "full_v", "router_k_scale")
 MEMORY_FILE = "memory.json"  # in each memory's directory: {"owner": tenant or null}
 
 

@@ -39,9 +39,11 @@ class LayerTensors:
     router_k: torch.Tensor  # [C, Hkv, d]; the same tensor as pooled_k when routing on pooled keys
     full_k: torch.Tensor | None = None  # [n, Hkv, d] in full-resolution mode
     full_v: torch.Tensor | None = None
+    router_k_scale: torch.Tensor | None = None  # [C, Hkv] float32, when router_k is float8
 
     def nbytes(self) -> int:
-        tensors = {id(t): t for t in (self.pooled_k, self.pooled_v, self.router_k, self.full_k, self.full_v) if t is not None}
+        tensors = {id(t): t for t in (self.pooled_k, self.pooled_v, self.router_k, self.full_k, self.full_v,
+                                      self.router_k_scale) if t is not None}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -64,7 +66,7 @@ def pack_document(doc: StoredDocument) -> StoredDocument:
     the heap under a stream of additions and deletions. Router keys that are the pooled keys
     stay the same tensor.
     """
-    fields = ("pooled_k", "pooled_v", "full_k", "full_v", "router_k")
+    fields = ("pooled_k", "pooled_v", "full_k", "full_v", "router_k", "router_k_scale")
     unique: dict[int, torch.Tensor] = {}
     for parts in doc.layers.values():
         for name in fields:
@@ -96,14 +98,21 @@ class RoutingView:
     gids: list[int]
     router_keys: torch.Tensor  # [C_total, Hkv, d]
     layout: ChunkLayout
+    router_key_scales: torch.Tensor | None = None  # [C_total, Hkv] when the keys are float8
     _key_table: list = field(default_factory=list, compare=False, repr=False)
 
     def key_table(self) -> RouterKeyTable:
         """The view as the Triton routing scan reads it, built on first use (views are rebuilt
         whenever the memory changes, so this never goes stale)."""
         if not self._key_table:
-            self._key_table.append(RouterKeyTable.from_layout(self.router_keys, self.layout))
+            self._key_table.append(RouterKeyTable.from_layout(self.router_keys, self.layout, self.router_key_scales))
         return self._key_table[0]
+
+    def float_keys(self) -> torch.Tensor:
+        """The router keys as the reference path scores them: float8 keys times their scales."""
+        if self.router_key_scales is None:
+            return self.router_keys
+        return self.router_keys.float() * self.router_key_scales.unsqueeze(-1)
 
 
 @dataclass
@@ -272,6 +281,16 @@ def _build_view(memory: Memory, layer_id: int, chunk_size: int) -> RoutingView:
     gids = list(memory.documents)
     docs = [memory.documents[gid] for gid in gids]
     layout = chunk_layout([doc.num_tokens for doc in docs], chunk_size)
-    keys = [doc.layers[layer_id].router_k for doc in docs]
-    router_keys = torch.cat(keys) if keys else torch.zeros(0)
-    return RoutingView(gids=gids, router_keys=router_keys, layout=layout)
+    parts = [doc.layers[layer_id] for doc in docs]
+    if not parts:
+        return RoutingView(gids=gids, router_keys=torch.zeros(0), layout=layout)
+    quantized = [p.router_k_scale is not None for p in parts]
+    if all(quantized):
+        return RoutingView(gids=gids, router_keys=torch.cat([p.router_k for p in parts]), layout=layout,
+                           router_key_scales=torch.cat([p.router_k_scale for p in parts]))
+    if any(quantized):  # documents stored before and after a change of router_key_format
+        plain_dtype = next(p.router_k.dtype for p in parts if p.router_k_scale is None)
+        keys = [p.router_k if p.router_k_scale is None else
+                (p.router_k.float() * p.router_k_scale.unsqueeze(-1)).to(plain_dtype) for p in parts]
+        return RoutingView(gids=gids, router_keys=torch.cat(keys), layout=layout)
+    return RoutingView(gids=gids, router_keys=torch.cat([p.router_k for p in parts]), layout=layout)

@@ -87,19 +87,21 @@ def check(shapes, dtypes, reductions, device, block_c, gen) -> int:
                 per_chunk = rounded_reference(q, keys, similarity, head_reduce, query_reduce, rounding)
             want = ref.document_scores(per_chunk, layout, chunk_reduce)
             got = got_scores[i].cpu().double()
-            error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
-            worst = max(worst, error)
-            tolerance = 1e-5 if dtype == torch.float32 else 1e-4
-            ok &= bool(torch.isfinite(got).all()) and error < tolerance
-            # The selection: exactly the reference's when exact; else every chosen document's
-            # reference score is within the tolerance of the reference's k-th best.
-            want_top = ref.select_top_k(want, 3)
-            if dtype == torch.float32:
-                ok &= got_top[i].tolist() == want_top.tolist()
+            # relative to the Cauchy-Schwarz bound on any score (cancellation can make the scores
+            # themselves far smaller than the products that sum to them)
+            if similarity == "cosine":
+                bound = 1.0
             else:
-                kth = want[want_top[-1]]
-                ok &= len(got_top[i]) == len(want_top) and bool(
-                    (want[got_top[i]] >= kth - tolerance * want.abs().max()).all())
+                bound = (q.double().norm(dim=-1).max() * keys.norm(dim=-1).max()).item() / dim**0.5
+            error = ((got - want).abs().max() / bound).item()
+            worst = max(worst, error)
+            tolerance = 1e-5  # float32 accumulation: the reference models every rounding of the inputs
+            ok &= bool(torch.isfinite(got).all()) and error < tolerance
+            # The selection: as many documents as the reference, each scoring (by the reference)
+            # at least the reference's k-th best, up to the tolerance (ties may resolve either way).
+            want_top = ref.select_top_k(want, 3)
+            ok &= len(got_top[i]) == len(want_top) and bool(
+                (want[got_top[i]] >= want[want_top[-1]] - tolerance * bound).all())
         failures += not ok
         print(f"{'ok ' if ok else 'BAD'} T={tokens} H={heads}/{kv_heads} d={dim} docs={[len(m) for m in memories]} "
               f"{str(dtype).replace('torch.', '')} {similarity}/{head_reduce}/{query_reduce}/{chunk_reduce} "
