@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=16, help="documents per routed layer")
     parser.add_argument("--inject", type=int, default=4, help="documents injected (msa+inject) / retrieved (rag)")
     parser.add_argument("--content", choices=("full", "pooled"), default="full")
+    parser.add_argument("--router-keys", choices=("model", "fp8"), default="model",
+                        help="router key storage (MSA option router_key_format)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--context-limit", type=int, default=8192)
     parser.add_argument("--out", default="benchmarks/results/quality")
@@ -153,7 +155,7 @@ def main() -> None:
 
     model = args.model_path or prepare_embedded_model()
     options = {"top_k_docs": args.top_k, "memory_content": args.content, "memory_budget_mb": 16384,
-               "max_injected_tokens": 4096}
+               "max_injected_tokens": 4096, "router_key_format": args.router_keys}
     server_args = ["--max-total-tokens", "65536", "--msa-config", json.dumps(options), "--log-level", "warning",
                    "--context-length", str(args.context_limit)]
     retriever = MiniLMRetriever()
