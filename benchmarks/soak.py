@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import random
+import shlex
 import statistics
 import threading
 import time
@@ -63,12 +64,14 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=16)
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--log-level", default="warning", help="the server's (info shows its batches)")
+    parser.add_argument("--server-args", default="", help="more `sglang serve` flags, one string")
     parser.add_argument("--out", default="benchmarks/results/soak")
     args = parser.parse_args()
 
     model = args.model_path or prepare_embedded_model()
     options = {"top_k_docs": 4, "memory_content": "full", "memory_budget_mb": 8192}
-    server_args = ["--max-total-tokens", "65536", "--msa-config", json.dumps(options), "--log-level", args.log_level]
+    server_args = ["--max-total-tokens", "65536", "--msa-config", json.dumps(options), "--log-level", args.log_level,
+                   *shlex.split(args.server_args)]
     rng = random.Random(0)
     with start_server(model, "msa", extra_args=server_args, startup_timeout_s=600) as server:
         url = server.base_url
@@ -133,14 +136,16 @@ def main() -> None:
         elapsed = time.monotonic() - started
 
     summary = {kind: {"count": len(values), "per_s": len(values) / elapsed,
-                      "p50_s": percentile(values, 0.5), "p99_s": percentile(values, 0.99)}
+                      "p50_s": percentile(values, 0.5), "p99_s": percentile(values, 0.99),
+                      "max_s": max(values, default=None)}
                for kind, values in latencies.items()}
     rss = [s["rss_mb"] for s in samples]
     drift = statistics.fmean(rss[-10:]) - statistics.fmean(rss[:10]) if len(rss) >= 20 else None
-    print(f"\n{'operation':>9} {'count':>6} {'per s':>7} {'p50 s':>7} {'p99 s':>7}")
+    print(f"\n{'operation':>9} {'count':>6} {'per s':>7} {'p50 s':>7} {'p99 s':>7} {'max s':>7}")
     for kind, row in summary.items():
         fmt = lambda v: f"{v:.3f}" if v is not None else "n/a"  # noqa: E731
-        print(f"{kind:>9} {row['count']:>6} {row['per_s']:>7.2f} {fmt(row['p50_s']):>7} {fmt(row['p99_s']):>7}")
+        print(f"{kind:>9} {row['count']:>6} {row['per_s']:>7.2f} {fmt(row['p50_s']):>7} {fmt(row['p99_s']):>7} "
+              f"{fmt(row['max_s']):>7}")
     growth = {name: round(samples[-1]["rss_mb_by_process"].get(name, 0) - mb, 1)
               for name, mb in samples[0]["rss_mb_by_process"].items()}
     print(f"server RSS: start {rss[0]:.0f} MiB, max {max(rss):.0f} MiB, end {rss[-1]:.0f} MiB "

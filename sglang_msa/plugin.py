@@ -155,11 +155,16 @@ def reserved_mem_fraction(mem_fraction_static: float, budget_bytes: int, device_
     return mem_fraction_static - reserved
 
 
+MSA_PREFILL_DECODE_INTERVAL = 1
+
+
 def configure_msa_resolution(result, server_args, *args, **kwargs):
     """After SGLang's own attention pass (launcher, before the scheduler starts), for `msa`:
 
     - CUDA graphs off (its decode metadata is not graph-capturable yet; SGLang disables graphs
       by itself only for torch_native and flex_attention);
+    - unless the user chose one, `--prefill-decode-interval 1`, so that ingestion cannot starve
+      the decode of running queries;
     - on a GPU, the memories' budget (`memory_budget_mb`) is taken out of SGLang's
       `mem_fraction_static`, so the KV cache SGLang sizes does not count on those bytes. (On the
       CPU engine the KV pool is sized by --max-total-tokens; the budget is host memory.)
@@ -183,6 +188,14 @@ def configure_msa_resolution(result, server_args, *args, **kwargs):
     for phase in (Phase.DECODE, Phase.PREFILL):
         config = resolving_view(server_args).cuda_graph_config
         declare_resolution(server_args, source, cuda_graph_config=with_phase(config, phase, backend=Backend.DISABLED))
+    raw = getattr(server_args, "_raw_input", None) or {}
+    if raw.get("prefill_decode_interval", getattr(server_args, "prefill_decode_interval", 0)) is None:  # unset
+        # SGLang runs a prefill whenever one can be formed and decodes only otherwise, so a steady
+        # stream of document ingestions (each one a prefill) can starve every running query's
+        # decode; one decode round after each prefill bounds that wait.
+        logger.warning("sglang-msa: --prefill-decode-interval %d (a decode round after each prefill: "
+                       "document ingestion cannot starve running queries)", MSA_PREFILL_DECODE_INTERVAL)
+        declare_resolution(server_args, source, prefill_decode_interval=MSA_PREFILL_DECODE_INTERVAL)
     _reserve_memory_budget(server_args, source)
     return result
 

@@ -72,3 +72,24 @@ def test_msa_resolves_cuda_graphs_off(tiny_llama):
         outputs[backend] = result.stdout.strip().splitlines()[-1].split()
     assert outputs["msa"] == ["disabled", "disabled"]
     assert outputs["triton"][0] != "disabled"  # the hook touches msa only
+
+
+def test_msa_decodes_between_prefills_unless_told_otherwise(tiny_llama):
+    """A stream of ingestions (prefills) must not starve running queries' decode: for msa the
+    plugin resolves --prefill-decode-interval to 1 when the user left it unset, and keeps the
+    user's value otherwise; other backends keep SGLang's default (0)."""
+    code = (
+        "import sys; from sglang.srt.plugins import load_plugins; load_plugins();"
+        "from sglang.srt.server_args import prepare_server_args;"
+        "from sglang.srt.arg_groups.overrides import resolved_view;"
+        "sa = prepare_server_args(['--model-path', sys.argv[1], '--attention-backend', sys.argv[2], '--device', 'cpu']"
+        " + sys.argv[3:]);"
+        "sa.resolve_once(); print(resolved_view(sa).prefill_decode_interval)"
+    )
+    cases = {("msa",): "1", ("msa", "--prefill-decode-interval", "0"): "0",
+             ("msa", "--prefill-decode-interval", "4"): "4", ("triton",): "0"}
+    for args, expected in cases.items():
+        result = subprocess.run([sys.executable, "-c", code, str(tiny_llama), *args], capture_output=True, text=True,
+                                timeout=180)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip().splitlines()[-1] == expected, (args, result.stdout[-500:])
