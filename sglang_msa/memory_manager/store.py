@@ -12,6 +12,7 @@ reads during forward) share the store under one lock; readers take immutable sna
 
 from __future__ import annotations
 
+import mmap
 import threading
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -58,6 +59,24 @@ class StoredDocument:
         return sum(tensors.nbytes() for tensors in self.layers.values())
 
 
+def document_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised 1-D buffer for one document's tensors.
+
+    In host memory, a buffer of its own anonymous mapping: deleting the document unmaps it, so
+    the process shrinks with the store. (From malloc, such buffers end up on the heap once glibc
+    has raised its mmap threshold after the first frees, and a stream of additions and deletions
+    then grows the process although the store does not.)
+    """
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes < HOST_MAPPING_MIN_BYTES:
+        return torch.empty(numel, dtype=dtype, device=device)
+    mapping = mmap.mmap(-1, nbytes)  # kept alive by the tensor; unmapped when the last view goes
+    return torch.frombuffer(mapping, dtype=torch.uint8).view(dtype)
+
+
+HOST_MAPPING_MIN_BYTES = 128 * 1024
+
+
 def pack_document(doc: StoredDocument) -> StoredDocument:
     """The same document with all its tensors as views of one buffer per dtype.
 
@@ -76,7 +95,7 @@ def pack_document(doc: StoredDocument) -> StoredDocument:
     views: dict[int, torch.Tensor] = {}
     for dtype in {t.dtype for t in unique.values()}:
         members = [t for t in unique.values() if t.dtype == dtype]
-        buffer = torch.empty(sum(t.numel() for t in members), dtype=dtype, device=members[0].device)
+        buffer = document_buffer(sum(t.numel() for t in members), dtype, members[0].device)
         offset = 0
         for tensor in members:
             view = buffer[offset : offset + tensor.numel()].view(tensor.shape)
