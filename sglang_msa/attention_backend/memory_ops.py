@@ -92,8 +92,16 @@ def route(
         per_chunk = ref.chunk_scores(router_q, view.float_keys(), *reductions[:3])
         doc_scores = ref.document_scores(per_chunk, view.layout, options.chunk_reduce)
         chosen = ref.select_top_k(doc_scores, options.top_k_docs).tolist()
+    try:
+        docs = store.documents(memory_id, [view.gids[i] for i in chosen])
+    except MemoryOperationError:  # the memory was deleted while this request routed
+        return empty_selection(like)
+    # a document deleted while this request routed is dropped from its selection
+    present = {doc.gid for doc in docs}
+    chosen = [i for i in chosen if view.gids[i] in present]
+    if not chosen:
+        return empty_selection(like)
     gids = [view.gids[i] for i in chosen]
-    docs = store.documents(memory_id, gids)
     if options.memory_content == "full":
         parts_k = [doc.layers[layer_id].full_k for doc in docs]
         parts_v = [doc.layers[layer_id].full_v for doc in docs]

@@ -262,9 +262,11 @@ class MemoryStore:
             return view
 
     def documents(self, memory_id: str, gids: list[int]) -> list[StoredDocument]:
+        """Those of `gids` that are still in the memory, in order (a routing view taken earlier
+        may name documents deleted since)."""
         with self._lock:
             memory = self._require(memory_id)
-            return [memory.documents[gid] for gid in gids]
+            return [memory.documents[gid] for gid in gids if gid in memory.documents]
 
     def contents(self) -> dict[str, list[int]]:
         """Every memory and its document ids."""
