@@ -10,7 +10,7 @@ import torch
 from sglang_msa.memory_manager import persistence
 from sglang_msa.memory_manager.persistence import ArchiveMismatchError, DocumentArchive
 from sglang_msa.kernels.routing_scan import quantize_fp8
-from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, MemoryStore, StoredDocument
+from sglang_msa.memory_manager.store import LAYER_TENSOR_NAMES, LayerTensors, MemoryOperationError, MemoryStore, StoredDocument
 from sglang_msa.server.metadata import DocumentRecord, MetadataStore
 
 FINGERPRINT = {"model": "tiny", "routed_layers": [1, 2], "chunk_size": 4, "memory_content": "full"}
@@ -38,7 +38,7 @@ def random_document(gid: int, num_tokens: int, dtype, full: bool, router, gen) -
 def assert_same_document(a: StoredDocument, b: StoredDocument) -> None:
     assert (a.gid, a.num_tokens, a.num_chunks, sorted(a.layers)) == (b.gid, b.num_tokens, b.num_chunks, sorted(b.layers))
     for layer in a.layers:
-        for name in persistence.TENSOR_NAMES:
+        for name in LAYER_TENSOR_NAMES:
             x, y = getattr(a.layers[layer], name), getattr(b.layers[layer], name)
             assert (x is None) == (y is None)
             if x is not None:

@@ -13,6 +13,7 @@ per batch, run per routed layer.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,7 @@ class BatchMemoryRows:
             rows = (
                 memory_k, torch.cat([s.memory_v for s in selections]),
                 torch.arange(sum(counts), dtype=torch.int32, device=device),
-                torch.tensor([sum(counts[:i]) for i in range(len(counts))], dtype=torch.int32, device=device),
+                torch.tensor([0, *itertools.accumulate(counts[:-1])], dtype=torch.int32, device=device),
                 torch.tensor(counts, dtype=torch.int32, device=device), max(counts),
             )
             cached = (tuple(selections), rows)

@@ -85,9 +85,8 @@ def route(
         request = routing_scan.RoutingRequest(router_q=router_q, chunk_start=0, chunk_end=view.layout.num_chunks,
                                               num_docs=len(view.gids))
         plan = routing_scan.RoutingPlan.build([request], router_q.device, *reductions)
-        device_scores = routing_scan.scan_layer(plan, [router_q], view.key_table())
-        chosen = routing_scan.top_k_per_request([device_scores], options.top_k_docs)[0].tolist()
-        doc_scores = device_scores.cpu()
+        doc_scores = routing_scan.scan_layer(plan, [router_q], view.key_table()).cpu()  # all of them: the report
+        chosen = routing_scan.top_k_per_request([doc_scores], options.top_k_docs)[0].tolist()
     else:
         per_chunk = ref.chunk_scores(router_q, view.float_keys(), *reductions[:3])
         doc_scores = ref.document_scores(per_chunk, view.layout, options.chunk_reduce)

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, StoredDocument
+from sglang_msa.memory_manager.store import LAYER_TENSOR_NAMES, LayerTensors, MemoryOperationError, StoredDocument
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "sglang-msa-document-1"
-TENSOR_NAMES = ("pooled_k", "pooled_v", "router_k", "full_k", "full_v", "router_k_scale")
 MEMORY_FILE = "memory.json"  # in each memory's directory: {"owner": tenant or null}
 
 
@@ -61,10 +60,7 @@ def document_tensors(doc: StoredDocument) -> tuple[dict[str, torch.Tensor], dict
     themselves, as in training-free mode, are stored once)."""
     tensors, shared = {}, []
     for layer, parts in doc.layers.items():
-        for name in TENSOR_NAMES:
-            tensor = getattr(parts, name)
-            if tensor is None:
-                continue
+        for name, tensor in parts.tensors().items():
             if name == "router_k" and tensor is parts.pooled_k:
                 shared.append(str(layer))
                 continue
@@ -85,7 +81,7 @@ def read_document(path: Path) -> StoredDocument:
     shared = {int(layer) for layer in metadata["router_is_pooled_k"].split(",") if layer}
     layers = {}
     for layer in sorted({int(name.split(".")[0]) for name in tensors}):
-        parts = {name: tensors.get(f"{layer}.{name}") for name in TENSOR_NAMES}
+        parts = {name: tensors.get(f"{layer}.{name}") for name in LAYER_TENSOR_NAMES}
         if layer in shared:
             parts["router_k"] = parts["pooled_k"]
         layers[layer] = LayerTensors(**parts)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import mmap
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import torch
@@ -42,10 +42,16 @@ class LayerTensors:
     full_v: torch.Tensor | None = None
     router_k_scale: torch.Tensor | None = None  # [C, Hkv] float32, when router_k is float8
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors present, by field name (router keys that are the pooled keys appear twice)."""
+        return {name: getattr(self, name) for name in LAYER_TENSOR_NAMES if getattr(self, name) is not None}
+
     def nbytes(self) -> int:
-        tensors = {id(t): t for t in (self.pooled_k, self.pooled_v, self.router_k, self.full_k, self.full_v,
-                                      self.router_k_scale) if t is not None}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        unique = {id(t): t for t in self.tensors().values()}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+LAYER_TENSOR_NAMES = tuple(f.name for f in fields(LayerTensors))
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class StoredDocument:
         return sum(tensors.nbytes() for tensors in self.layers.values())
 
 
+HOST_MAPPING_MIN_BYTES = 128 * 1024
+
+
 def document_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised 1-D buffer for one document's tensors.
 
@@ -67,14 +76,11 @@ def document_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> tor
     has raised its mmap threshold after the first frees, and a stream of additions and deletions
     then grows the process although the store does not.)
     """
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < HOST_MAPPING_MIN_BYTES:
         return torch.empty(numel, dtype=dtype, device=device)
     mapping = mmap.mmap(-1, nbytes)  # kept alive by the tensor; unmapped when the last view goes
     return torch.frombuffer(mapping, dtype=torch.uint8).view(dtype)
-
-
-HOST_MAPPING_MIN_BYTES = 128 * 1024
 
 
 def pack_document(doc: StoredDocument) -> StoredDocument:
@@ -85,13 +91,10 @@ def pack_document(doc: StoredDocument) -> StoredDocument:
     the heap under a stream of additions and deletions. Router keys that are the pooled keys
     stay the same tensor.
     """
-    fields = ("pooled_k", "pooled_v", "full_k", "full_v", "router_k", "router_k_scale")
     unique: dict[int, torch.Tensor] = {}
     for parts in doc.layers.values():
-        for name in fields:
-            tensor = getattr(parts, name)
-            if tensor is not None:
-                unique.setdefault(id(tensor), tensor)
+        for tensor in parts.tensors().values():
+            unique.setdefault(id(tensor), tensor)
     views: dict[int, torch.Tensor] = {}
     for dtype in {t.dtype for t in unique.values()}:
         members = [t for t in unique.values() if t.dtype == dtype]
@@ -103,8 +106,7 @@ def pack_document(doc: StoredDocument) -> StoredDocument:
             views[id(tensor)] = view
             offset += tensor.numel()
     layers = {
-        layer: LayerTensors(**{name: None if getattr(parts, name) is None else views[id(getattr(parts, name))]
-                               for name in fields})
+        layer: LayerTensors(**{name: views[id(tensor)] for name, tensor in parts.tensors().items()})
         for layer, parts in doc.layers.items()
     }
     return StoredDocument(gid=doc.gid, num_tokens=doc.num_tokens, num_chunks=doc.num_chunks, layers=layers)

@@ -4,11 +4,10 @@ their merge) against the reference on fresh random inputs, outputs poisoned with
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import sys
 
 import torch
+from check_main import run_checks
 
 from sglang_msa.kernels import reference as ref
 from sglang_msa.kernels.indexed_attention import IndexedBatch, indexed_attention, sparse_memory_attention
@@ -96,19 +95,13 @@ def check(shapes, dtype, device, gen, tolerance) -> int:
     return failures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("seed", type=int, nargs="?", default=torch.seed() % 2**31)
-    parser.add_argument("--gpu", action="store_true", help="tiny and MSA-4B shapes on the GPU (compiled kernels)")
-    args = parser.parse_args()
-    gen = torch.Generator().manual_seed(args.seed)
-    device = "cuda" if args.gpu else "cpu"
+def checks(gpu: bool, gen: torch.Generator) -> int:
+    device = "cuda" if gpu else "cpu"
     failures = check(TINY, torch.float32, device, gen, 1e-5) + check(TINY, torch.bfloat16, device, gen, 2e-2)
-    if args.gpu:
+    if gpu:
         failures += check(REAL, torch.bfloat16, device, gen, 2e-2)
-    print(f"seed {args.seed}: {failures} failures")
-    sys.exit(1 if failures else 0)
+    return failures
 
 
 if __name__ == "__main__":
-    main()
+    run_checks(checks)

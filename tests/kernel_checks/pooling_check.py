@@ -4,10 +4,8 @@ random inputs, outputs poisoned with NaN first."""
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
+from check_main import run_checks
 
 from sglang_msa.kernels import reference as ref
 from sglang_msa.kernels.pooling import pool_layer
@@ -51,19 +49,13 @@ def check(shapes, dtype, device, gen, tolerance, block_cols) -> int:
     return failures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("seed", type=int, nargs="?", default=torch.seed() % 2**31)
-    parser.add_argument("--gpu", action="store_true", help="tiny and MSA-4B shapes on the GPU (compiled kernels)")
-    args = parser.parse_args()
-    gen = torch.Generator().manual_seed(args.seed)
-    device = "cuda" if args.gpu else "cpu"
+def checks(gpu: bool, gen: torch.Generator) -> int:
+    device = "cuda" if gpu else "cpu"
     failures = check(TINY, torch.float32, device, gen, 1e-6, 32) + check(TINY, torch.bfloat16, device, gen, 1e-2, 32)
-    if args.gpu:
+    if gpu:
         failures += check(REAL, torch.bfloat16, device, gen, 1e-2, 256)
-    print(f"seed {args.seed}: {failures} failures")
-    sys.exit(1 if failures else 0)
+    return failures
 
 
 if __name__ == "__main__":
-    main()
+    run_checks(checks)

@@ -4,11 +4,10 @@ inputs. Prints one line per case; exits non-zero on a mismatch."""
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import sys
 
 import torch
+from check_main import run_checks
 
 from sglang_msa.kernels import reference as ref
 from sglang_msa.kernels.routing_scan import RouterKeyTable, RoutingRequest, quantize_fp8, route_batch, \
@@ -109,21 +108,12 @@ def check(shapes, dtypes, reductions, device, block_c, gen) -> int:
     return failures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("seed", type=int, nargs="?", default=torch.seed() % 2**31)
-    parser.add_argument("--gpu", action="store_true", help="tiny and MSA-4B shapes on the GPU (compiled kernels)")
-    args = parser.parse_args()
-    gen = torch.Generator().manual_seed(args.seed)
+def checks(gpu: bool, gen: torch.Generator) -> int:
     dtypes = [torch.float32, torch.bfloat16, "fp8"]
-    if args.gpu:
-        failures = check(TINY, dtypes, GPU_REDUCTIONS, "cuda", 16, gen) + \
-            check(REAL, dtypes[1:], GPU_REDUCTIONS, "cuda", 64, gen)
-    else:
-        failures = check(TINY, dtypes, ALL_REDUCTIONS, "cpu", 16, gen)
-    print(f"seed {args.seed}: {failures} failures")
-    sys.exit(1 if failures else 0)
+    if gpu:
+        return check(TINY, dtypes, GPU_REDUCTIONS, "cuda", 16, gen) + check(REAL, dtypes[1:], GPU_REDUCTIONS, "cuda", 64, gen)
+    return check(TINY, dtypes, ALL_REDUCTIONS, "cpu", 16, gen)
 
 
 if __name__ == "__main__":
-    main()
+    run_checks(checks)
