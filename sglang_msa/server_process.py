@@ -64,6 +64,9 @@ class ServerProcess:
         self.stop()
 
 
+PORT_TAKEN = "address already in use"
+
+
 def start_server(
     model_path: str | Path,
     attention_backend: str = "msa",
@@ -79,10 +82,41 @@ def start_server(
 
     launcher: "serve" runs `sglang serve`, "launch_server" runs `python -m sglang.launch_server`.
     On a machine without a GPU the CPU engine is selected (`--device cpu`, and
-    SGLANG_USE_CPU_ENGINE=1 in the child's environment).
+    SGLANG_USE_CPU_ENGINE=1 in the child's environment). Without a given `port`, a free one is
+    picked; if another process binds it before the server does, the server is started again on
+    another (up to 3 tries).
     """
-    port = port or free_port()
-    device = device or default_device()
+    for attempt in range(3):
+        chosen = port or free_port()
+        try:
+            return _start_once(model_path, attention_backend, launcher, chosen, extra_args, log_path,
+                               startup_timeout_s, device or default_device())
+        except PortTakenError:
+            if port is not None or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _listens_on(pid: int, port: int) -> bool:
+    """Whether the process `pid` or one of its children listens on TCP `port`."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in process.net_connections("tcp")):
+                return True
+        except psutil.Error:  # a child that exited meanwhile
+            continue
+    return False
+
+
+class PortTakenError(RuntimeError):
+    """The server could not bind its HTTP port."""
+
+
+def _start_once(model_path, attention_backend: str, launcher: str, port: int, extra_args: list[str] | None,
+                log_path: Path | None, startup_timeout_s: float, device: str) -> ServerProcess:
     if launcher == "serve":
         command = [str(Path(sys.executable).with_name("sglang")), "serve"]
     elif launcher == "launch_server":
@@ -109,9 +143,12 @@ def start_server(
     started = time.monotonic()
     while time.monotonic() - started < startup_timeout_s:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with code {process.returncode}:\n{server.log_tail()}")
+            tail = server.log_tail()
+            error = PortTakenError if PORT_TAKEN in tail else RuntimeError
+            raise error(f"server exited with code {process.returncode}:\n{tail}")
         try:
-            if requests.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+            healthy = requests.get(f"{server.base_url}/health", timeout=2).status_code == 200
+            if healthy and _listens_on(process.pid, port):  # not another server that took the port
                 server.started_in_s = time.monotonic() - started
                 return server
         except requests.RequestException:
