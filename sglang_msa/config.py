@@ -61,7 +61,14 @@ class MSAOptions(BaseModel):
         "tenant reaches only the memories it created (also enforced in the scheduler)",
     )
     memory_budget_mb: float = Field(
-        1024.0, gt=0, description="bytes all memories may hold in the server; ingestion beyond is refused"
+        1024.0, gt=0,
+        description="MiB of device memory for memories: every router key, and the content of memories placed on "
+        "the device; ingestion beyond is refused (507). On a GPU it is taken out of mem_fraction_static",
+    )
+    host_memory_budget_mb: float = Field(
+        0.0, ge=0,
+        description="host memory for the content of memories placed on the host (pooled K/V, full-resolution "
+        "K/V); their router keys stay on the device, in memory_budget_mb. 0: no host tier",
     )
     router_key_format: Literal["model", "fp8"] = Field(
         "model",

@@ -30,8 +30,9 @@ class EngineMemories:
     def _run(self, coroutine):
         return self._loop.run_until_complete(coroutine)
 
-    def create(self, memory_id: str) -> dict:
-        return self._run(self._api.create_memory(schemas.CreateMemoryRequest(memory_id=memory_id).memory_id))
+    def create(self, memory_id: str, placement: str = "auto") -> dict:
+        body = schemas.CreateMemoryRequest(memory_id=memory_id, placement=placement)
+        return self._run(self._api.create_memory(body.memory_id, body.placement))
 
     def list(self) -> dict:
         return self._api.list_memories()

@@ -154,9 +154,10 @@ def test_ingest_route_attend_match_reference(parts, memory_content, similarity, 
         assert harness.service.take_report(rid)["committed"] is True
         doc_k.append(k)
         doc_v.append(v)
-    assert store.stats(MEMORY) == {
+    stats = store.stats(MEMORY)
+    assert stats == {
         "documents": 5, "tokens": sum(DOC_LENS), "chunks": sum((n + 3) // 4 for n in DOC_LENS),
-        "bytes": store.stats(MEMORY)["bytes"],
+        "bytes": stats["bytes"], "device_bytes": stats["bytes"], "host_bytes": 0, "placement": "auto",
     }
 
     # query: template of 2 tokens, routing spans = tokens 2, 3, 5, 6 of a 7-token prompt (two disjoint
@@ -355,7 +356,7 @@ def test_fp8_router_keys_route_on_their_dequantized_values(parts, kernels):
         harness.extend_batch([(f"i{gid}", torch.randn(n, H * D, generator=gen), k, torch.randn(n, HKV, D, generator=gen))])
         quantized, scales = quantize_fp8(ref.pool_chunks(k, [n], 4))
         dequantized.append(quantized.float() * scales.unsqueeze(-1))
-    stored = store.documents("m", [0])[0].layers[0]
+    stored = store.document_tensors("m", 0).layers[0]
     assert stored.router_k.dtype == torch.float8_e4m3fn and stored.router_k_scale.shape == (3, HKV)
     assert stored.router_k.nbytes * 4 == stored.pooled_k.nbytes
     n = 5

@@ -13,7 +13,7 @@ from sglang_msa.server_process import start_server
 
 pytestmark = pytest.mark.server
 
-MSA_CONFIG = {"top_k_docs": 4, "chunk_size": 8, "routed_layers": "all"}
+MSA_CONFIG = {"top_k_docs": 4, "chunk_size": 8, "routed_layers": "all", "host_memory_budget_mb": 64}
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,7 @@ def test_native_generate_over_memory(server):
     ("/v1/memories", {"memory_id": "../etc"}, 422, "memory_id"),
     ("/v1/memories", {"memory_id": "x" * 200}, 422, "memory_id"),
     ("/v1/memories", {}, 422, "memory_id"),
+    ("/v1/memories", {"memory_id": "placed", "placement": "moon"}, 422, "placement"),
     ("/v1/memories/validation/documents", {"documents": []}, 422, "documents"),
     ("/v1/memories/validation/documents", {"documents": [{"text": ""}]}, 422, "documents[0].text"),
     ("/v1/memories/validation/documents", {"documents": [{"text": "ok", "doc_id": 5}]}, 422, "documents[0].doc_id"),
@@ -267,3 +268,27 @@ def test_router_driven_injection(server):
     rounds = two["msa"]["injection_rounds"]
     assert len(rounds) == 2 and [d["doc_id"] for d in rounds[0]] == injected_ids
     assert not {d["doc_id"] for d in rounds[1]} & set(injected_ids) and len(rounds[1]) == 2
+
+
+def test_host_placement_answers_exactly_like_device_placement(server):
+    """The same documents in a memory whose content lives on the device and in one whose content
+    lives in host memory: the same documents retrieved with the same scores in every layer, the
+    same answers; only the router keys of the host memory count on the device."""
+    docs = [{"text": f"Locker {i} contains a {['red', 'green', 'blue'][i % 3]} bag with {i * 37 % 100} coins."}
+            for i in range(40)]
+    for memory_id, placement in (("on-device", "device"), ("on-host", "host")):
+        created = post(f"{server}/v1/memories", {"memory_id": memory_id, "placement": placement}, 201)
+        assert created["placement"] == placement
+        post(f"{server}/v1/memories/{memory_id}/documents", {"documents": docs}, 201)
+    device, host = (requests.get(f"{server}/v1/memories/{m}", timeout=30).json() for m in ("on-device", "on-host"))
+    assert (device["placement"], host["placement"]) == ("device", "host")
+    assert device["bytes"]["host"] == 0 and host["bytes"]["host"] > 0
+    assert device["bytes"]["device"] == host["bytes"]["device"] + host["bytes"]["host"]
+    assert host["bytes"]["device"] < host["bytes"]["host"]  # router keys only
+    for question in ("What is in locker 7?", "How many coins are in locker 12?", "Which locker has a blue bag?"):
+        on_device, on_host = (chat(server, m, question, details=True) for m in ("on-device", "on-host"))
+        assert on_device["msa"]["layers"] == on_host["msa"]["layers"]
+        assert on_device["choices"][0]["message"]["content"] == on_host["choices"][0]["message"]["content"]
+    stats = requests.get(f"{server}/v1/memories/-/stats", timeout=30).json()
+    assert stats["host_bytes"] >= host["bytes"]["host"] and stats["host_budget_bytes"] == 64 * 2**20
+    assert stats["chunk_slots"]["host"]["free"] < stats["chunk_slots"]["host"]["total"]

@@ -58,8 +58,7 @@ def worker(rank: int, world: int, port: int, content: str, top_k: int, results: 
         options = MSAOptions(top_k_docs=top_k, chunk_size=CHUNK, memory_content=content)
         selection = route_sharded(rank_queries(rank, world), store.routing_view("m", LAYER),
                                   {doc.gid: rows_of(doc, content) for doc in mine}, options)
-        memory_k, memory_v = fetch_selected(selection, {doc.gid: doc for doc in mine}, LAYER, content,
-                                            torch.empty(0, HKV, D))
+        memory_k, memory_v = fetch_selected(selection, store, "m", LAYER, content, torch.empty(0, HKV, D))
         results[rank] = (selection.gids, selection.scores, memory_k, memory_v, owners)
     finally:
         dist.destroy_process_group()

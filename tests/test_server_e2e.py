@@ -80,3 +80,12 @@ def test_frontend_dsl_program_matches_torch_native(servers):
         results[name] = [(state["continuation"], state["color"]) for state in states]
     assert results["msa"] == results["torch_native"]
     assert all(continuation for continuation, _ in results["msa"])
+
+
+def test_host_placement_without_a_host_budget_is_refused_naming_the_field(servers):
+    base = servers["msa"].base_url
+    response = requests.post(f"{base}/v1/memories", json={"memory_id": "on-host", "placement": "host"}, timeout=30)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "placement" and "host_memory_budget_mb" in error["message"]
+    assert requests.get(f"{base}/v1/memories/on-host", timeout=30).status_code == 404  # nothing half-created

@@ -100,16 +100,10 @@ def route(
     chosen = [i for i in chosen if view.gids[i] in present]
     if not chosen:
         return empty_selection(like)
-    gids = [view.gids[i] for i in chosen]
-    if options.memory_content == "full":
-        parts_k = [doc.layers[layer_id].full_k for doc in docs]
-        parts_v = [doc.layers[layer_id].full_v for doc in docs]
-    else:
-        parts_k = [doc.layers[layer_id].pooled_k for doc in docs]
-        parts_v = [doc.layers[layer_id].pooled_v for doc in docs]
+    memory_k, memory_v = store.content(docs, layer_id, options.memory_content, like.device)
     return LayerSelection(
-        gids=gids, scores=[float(doc_scores[i]) for i in chosen],
-        memory_k=torch.cat(parts_k), memory_v=torch.cat(parts_v),
+        gids=[view.gids[i] for i in chosen], scores=[float(doc_scores[i]) for i in chosen],
+        memory_k=memory_k.to(like.dtype), memory_v=memory_v.to(like.dtype),
     )
 
 

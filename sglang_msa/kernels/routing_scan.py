@@ -36,14 +36,14 @@ def _kernel():
 
     @triton.jit
     def routing_scan_kernel(
-        q_ptr, k_ptr, k_scale_ptr, chunk_doc_ptr, chunk_weight_ptr, out_ptr,
+        q_ptr, k_ptr, k_scale_ptr, chunk_slot_ptr, chunk_doc_ptr, chunk_weight_ptr, out_ptr,
         q_start_ptr, q_count_ptr, chunk_start_ptr, chunk_end_ptr, out_offset_ptr,
         sm_scale,
         H: tl.constexpr, HEAD_COUNT: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
         D: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
         COSINE: tl.constexpr, HEAD_MAX: tl.constexpr, QUERY_MEAN: tl.constexpr, CHUNK_MEAN: tl.constexpr,
-        HAS_SCALE: tl.constexpr, DOT_IEEE: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_SLOTS: tl.constexpr, DOT_IEEE: tl.constexpr,
     ):
         request = tl.program_id(1)
         chunk_end = tl.load(chunk_end_ptr + request)
@@ -51,6 +51,10 @@ def _kernel():
         if first_chunk < chunk_end:
             chunks = first_chunk + tl.arange(0, BLOCK_C)
             valid_chunk = chunks < chunk_end
+            if HAS_SLOTS:  # keys read in place from a slot pool: chunk c's row is slot[c]
+                key_rows = tl.load(chunk_slot_ptr + chunks, mask=valid_chunk, other=0).to(tl.int64)
+            else:
+                key_rows = chunks.to(tl.int64)
             dims = tl.arange(0, BLOCK_D)
             valid_dim = dims < D
             rows = tl.arange(0, BLOCK_T * G_PAD)
@@ -71,7 +75,7 @@ def _kernel():
                 else:
                     head_acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
                 for g in range(HKV):  # a loop, not unrolled: shared memory stays one head's worth
-                    keys = tl.load(k_ptr + (chunks[:, None] * HKV + g) * D + dims[None, :],
+                    keys = tl.load(k_ptr + (key_rows[:, None] * HKV + g) * D + dims[None, :],
                                    mask=valid_chunk[:, None] & valid_dim[None, :], other=0.0)
                     queries = tl.load(q_ptr + ((q_start + token[:, None]) * H + g * G + row_head[:, None]) * D
                                       + dims[None, :], mask=valid_row[:, None] & valid_dim[None, :], other=0.0)
@@ -86,7 +90,7 @@ def _kernel():
                         norm = tl.sqrt(tl.sum(key_f32 * key_f32, axis=1))
                         sim = sim / tl.maximum(norm, 1e-12)[None, :]
                     elif HAS_SCALE:
-                        sim = sim * tl.load(k_scale_ptr + chunks * HKV + g, mask=valid_chunk, other=0.0)[None, :]
+                        sim = sim * tl.load(k_scale_ptr + key_rows * HKV + g, mask=valid_chunk, other=0.0)[None, :]
                     if G_PAD == 1:  # one row per token (MHA, or the group-summed queries of a head mean)
                         if HEAD_MAX:
                             head_acc = tl.maximum(head_acc, sim * sm_scale)
@@ -119,42 +123,58 @@ def _kernel():
 
 @dataclass(frozen=True)
 class RouterKeyTable:
-    """Pooled router keys of one or more memories, back to back, with their chunk → document map.
+    """Pooled router keys of one or more memories with their chunk → document map: chunk c's
+    key is row c of `keys`, or row `chunk_slot[c]` when the keys are read in place from a slot
+    pool (`memory_manager.slot_pool`).
 
-    keys:         [C, Hkv, d] (float32 / bfloat16 / float16 / float8)
-    scales:       [C, Hkv] float32 dequantisation scales, for float8 keys only
+    keys:         [C, Hkv, d] (float32 / bfloat16 / float16 / float8), or a pool's [slots, Hkv, d]
+    scales:       float8 keys only: float32 dequantisation scales, one per key row and KV head
     chunk_doc:    [C] int32 document index of each chunk, counted from its memory's first document
     chunk_weight: [C] float32 1 / (chunks of the chunk's document), for chunk_reduce="mean"
+    chunk_slot:   [C] int32 row of each chunk's key in `keys`, or None (row c)
     """
 
     keys: torch.Tensor
     scales: torch.Tensor | None
     chunk_doc: torch.Tensor
     chunk_weight: torch.Tensor
+    chunk_slot: torch.Tensor | None = None
+
+    @property
+    def num_chunks(self) -> int:
+        return self.chunk_doc.shape[0]
 
     @classmethod
-    def from_layout(cls, keys: torch.Tensor, layout: ref.ChunkLayout, scales: torch.Tensor | None = None):
+    def from_layout(cls, keys: torch.Tensor, layout: ref.ChunkLayout, scales: torch.Tensor | None = None,
+                    chunk_slot: torch.Tensor | None = None):
         if keys.dtype in FP8_DTYPES and scales is None:
             raise ValueError("float8 router keys need their per-(chunk, KV head) scales")
         counts = (layout.doc_chunk_start[1:] - layout.doc_chunk_start[:-1]).double()
         weight = (1.0 / counts)[layout.chunk_doc].float() if layout.num_chunks else torch.zeros(0)
         return cls(keys=keys, scales=scales, chunk_doc=layout.chunk_doc.to(torch.int32, copy=True).to(keys.device),
-                   chunk_weight=weight.to(keys.device))
+                   chunk_weight=weight.to(keys.device),
+                   chunk_slot=None if chunk_slot is None else chunk_slot.to(device=keys.device, dtype=torch.int32))
 
     @classmethod
     def concat(cls, tables: list["RouterKeyTable"]) -> tuple["RouterKeyTable", list[tuple[int, int]]]:
-        """Several memories' tables back to back, and each one's chunk range in the result."""
+        """Several memories' tables back to back, and each one's chunk range in the result.
+        Tables that read one slot pool stay in place (their slots are concatenated)."""
         ranges, start = [], 0
         for table in tables:
-            ranges.append((start, start + table.keys.shape[0]))
-            start += table.keys.shape[0]
+            ranges.append((start, start + table.num_chunks))
+            start += table.num_chunks
+        doc_maps = {"chunk_doc": torch.cat([t.chunk_doc for t in tables]),
+                    "chunk_weight": torch.cat([t.chunk_weight for t in tables])}
+        if all(t.chunk_slot is not None for t in tables):
+            if any(t.keys is not tables[0].keys for t in tables):
+                raise ValueError("tables read through slots must share one key pool")
+            return cls(keys=tables[0].keys, scales=tables[0].scales, **doc_maps,
+                       chunk_slot=torch.cat([t.chunk_slot for t in tables])), ranges
+        if any(t.chunk_slot is not None for t in tables):
+            raise ValueError("cannot concatenate tables read through slots with contiguous ones")
         scales = [t.scales for t in tables]
-        return cls(
-            keys=torch.cat([t.keys for t in tables]),
-            scales=None if scales[0] is None else torch.cat(scales),
-            chunk_doc=torch.cat([t.chunk_doc for t in tables]),
-            chunk_weight=torch.cat([t.chunk_weight for t in tables]),
-        ), ranges
+        return cls(keys=torch.cat([t.keys for t in tables]), scales=None if scales[0] is None else torch.cat(scales),
+                   **doc_maps), ranges
 
 
 @dataclass(frozen=True)
@@ -269,14 +289,15 @@ def scan_layer(
     block_t = max(block_t, -(-16 // group_pad))  # tl.dot needs at least 16 rows
     _kernel()[(triton.cdiv(plan.longest_range, block_c), len(router_q))](
         q_all.to(_dot_dtype(keys.dtype)).contiguous(), keys.contiguous(),
-        table.scales if table.scales is not None else out, table.chunk_doc, table.chunk_weight, out,
+        table.scales if table.scales is not None else out,
+        table.chunk_slot if table.chunk_slot is not None else table.chunk_doc, table.chunk_doc, table.chunk_weight, out,
         plan.q_start, plan.q_count, plan.chunk_start, plan.chunk_end, plan.out_offset,
         1.0 if plan.similarity == "cosine" else dim**-0.5,
         H=num_kv_heads * group, HEAD_COUNT=num_heads, HKV=num_kv_heads, G=group, G_PAD=group_pad, D=dim,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_T=block_t, BLOCK_C=block_c,
         COSINE=plan.similarity == "cosine", HEAD_MAX=plan.head_reduce == "max", QUERY_MEAN=plan.query_reduce == "mean",
         CHUNK_MEAN=plan.chunk_reduce == "mean", HAS_SCALE=table.scales is not None,
-        DOT_IEEE=keys.dtype == torch.float32 or common.interpreted(),
+        HAS_SLOTS=table.chunk_slot is not None, DOT_IEEE=keys.dtype == torch.float32 or common.interpreted(),
         num_warps=8 if block_t * group_pad >= 128 else 4, num_stages=2,
     )
     return out[: plan.doc_offsets[-1]]

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from sglang_msa.config import MSAOptions
 from sglang_msa.kernels import reference as ref
-from sglang_msa.memory_manager.store import RoutingView, StoredDocument
+from sglang_msa.memory_manager.store import MemoryStore, RoutingView
 
 
 def assign_shards(chunk_counts: list[int], world_size: int) -> list[int]:
@@ -93,32 +93,31 @@ def route_sharded(router_q: torch.Tensor, shard: RoutingView, rows_per_doc: dict
                             rows=[c[3] for c in best])
 
 
-def document_rows(doc: StoredDocument, layer: int, content: str) -> tuple[torch.Tensor, torch.Tensor]:
-    tensors = doc.layers[layer]
-    if content == "full":
-        return tensors.full_k, tensors.full_v
-    return tensors.pooled_k, tensors.pooled_v
-
-
-def fetch_selected(selection: ShardedSelection, local_docs: dict[int, StoredDocument], layer: int, content: str,
+def fetch_selected(selection: ShardedSelection, store: MemoryStore, memory_id: str, layer: int, content: str,
                    like: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The selected documents' K and V rows [M, Hkv, d], best first, gathered from their owners.
 
+    Each rank reads its own documents from its `store` shard (its slot pools, either tier).
     `like` ([*, Hkv, d]) gives the dtype and trailing shape of rows. Every rank serves the others'
     requests, so every rank calls this in the same step.
     """
     world, me = dist.get_world_size(group), dist.get_rank(group)
+
+    def rows_of(gids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = store.content(store.documents(memory_id, gids), layer, content, like.device)
+        return keys.to(like.dtype), values.to(like.dtype)
+
     wanted_here = torch.tensor([gid if owner != me else -1 for gid, owner in zip(selection.gids, selection.owners)],
                                dtype=torch.long)
     requests = _all_gather_padded(wanted_here, group)  # what every requester needs, -1 for its own documents
+    local = set(store.contents().get(memory_id, []))
     operations, sends, receives = [], [], {}
     for requester, gids in enumerate(requests):
         if requester == me:
             continue
-        mine = [gid for gid in gids.tolist() if gid in local_docs]
+        mine = [gid for gid in gids.tolist() if gid in local]
         if mine:
-            keys, values = zip(*(document_rows(local_docs[gid], layer, content) for gid in mine))
-            payload = torch.stack([torch.cat(keys), torch.cat(values)]).to(like.dtype).contiguous()
+            payload = torch.stack(rows_of(mine)).contiguous()
             sends.append(payload)
             operations.append(dist.P2POp(dist.isend, payload, requester, group))
     for owner in range(world):
@@ -133,13 +132,13 @@ def fetch_selected(selection: ShardedSelection, local_docs: dict[int, StoredDocu
     parts_k, parts_v = [], []
     for gid, owner, rows in zip(selection.gids, selection.owners, selection.rows):
         if owner == me:
-            k, v = document_rows(local_docs[gid], layer, content)
+            k, v = rows_of([gid])
         else:  # owners send in the requester's order
             start = offsets[owner]
             k, v = receives[owner][0, start : start + rows], receives[owner][1, start : start + rows]
             offsets[owner] = start + rows
-        parts_k.append(k.to(like.dtype))
-        parts_v.append(v.to(like.dtype))
+        parts_k.append(k)
+        parts_v.append(v)
     if not parts_k:
         empty = like.new_zeros((0, *like.shape[1:]))
         return empty, empty

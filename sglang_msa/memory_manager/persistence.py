@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sglang_msa.memory_manager.store import LAYER_TENSOR_NAMES, LayerTensors, MemoryOperationError, StoredDocument
+from sglang_msa.memory_manager.store import (
+    LAYER_TENSOR_NAMES,
+    ArchivedMemory,
+    LayerTensors,
+    MemoryOperationError,
+    StoredDocument,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +121,12 @@ class DocumentArchive:
     def document_path(self, memory_id: str, gid: int) -> Path:
         return self.memory_dir(memory_id) / f"{gid}.safetensors"
 
-    def create_memory(self, memory_id: str, owner: str | None) -> None:
+    def create_memory(self, memory_id: str, owner: str | None, placement: str = "auto") -> None:
         """The memory's directory, complete with its description, appears at once (rename)."""
         staging = self.tensors_dir / f".creating-{uuid.uuid4().hex}"
         staging.mkdir()
-        write_atomically(staging / MEMORY_FILE, lambda tmp: tmp.write_text(json.dumps({"owner": owner})))
+        description = json.dumps({"owner": owner, "placement": placement})
+        write_atomically(staging / MEMORY_FILE, lambda tmp: tmp.write_text(description))
         os.replace(staging, self.memory_dir(memory_id))
         fsync_directory(self.tensors_dir)
 
@@ -147,12 +154,12 @@ class DocumentArchive:
             path.unlink()
             fsync_directory(path.parent)
 
-    def load(self) -> dict[str, tuple[str | None, list[StoredDocument]]]:
+    def load(self) -> dict[str, ArchivedMemory]:
         """Every memory, its owner and its complete documents; leftovers of interrupted writes
         are removed."""
         for leftover in [*self.tensors_dir.glob(".dropped-*"), *self.tensors_dir.glob(".creating-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
-        memories: dict[str, tuple[str | None, list[StoredDocument]]] = {}
+        memories: dict[str, ArchivedMemory] = {}
         for directory in sorted(p for p in self.tensors_dir.iterdir() if p.is_dir()):
             for tmp in directory.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
@@ -162,6 +169,7 @@ class DocumentArchive:
                     docs.append(read_document(path))
                 except Exception as exc:  # never half a document: report it and leave it out
                     logger.error("sglang-msa: skipping unreadable document file %s: %s", path, exc)
-            owner = json.loads((directory / MEMORY_FILE).read_text())["owner"]
-            memories[directory.name] = (owner, sorted(docs, key=lambda doc: doc.gid))
+            description = json.loads((directory / MEMORY_FILE).read_text())
+            memories[directory.name] = ArchivedMemory(description["owner"], sorted(docs, key=lambda doc: doc.gid),
+                                                      description.get("placement", "auto"))
         return memories

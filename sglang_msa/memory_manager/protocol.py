@@ -22,6 +22,7 @@ class CreateMemory(_Message):
     op: Literal["create_memory"] = "create_memory"
     memory_id: MemoryId
     owner: str | None = None  # the tenant whose grants reach it (API keys enabled)
+    placement: Literal["auto", "device", "host"] = "auto"  # where its documents' content lives
 
 
 class DropMemory(_Message):

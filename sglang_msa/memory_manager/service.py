@@ -73,7 +73,9 @@ class MemoryService:
         self.options = options
         self.facts = facts
         self.routed_layers = options.routed_layer_ids(facts.num_layers)
-        self.store = MemoryStore(int(options.memory_budget_mb * 2**20), options.chunk_size, self._open_archive())
+        self.store = MemoryStore(int(options.memory_budget_mb * 2**20), options.chunk_size, self._open_archive(),
+                                 host_budget_bytes=int(options.host_memory_budget_mb * 2**20),
+                                 router_key_format=options.router_key_format)
         self.registry = RequestRegistry()
         self._control_thread: threading.Thread | None = None
         logger.info(
@@ -98,7 +100,8 @@ class MemoryService:
         memories = archive.load()
         self.store.restore(memories)
         logger.info("sglang-msa: restored %d memories, %d documents (%.1f MiB) from %s", len(memories),
-                    sum(len(docs) for _, docs in memories.values()), self.store.used_bytes() / 2**20, archive.root)
+                    sum(len(memory.documents) for memory in memories.values()), self.store.used_bytes() / 2**20,
+                    archive.root)
 
     # ------------------------------------------------------------------ admission
     def admit_request(self, req) -> str | None:
@@ -186,7 +189,7 @@ class MemoryService:
     def handle(self, message) -> dict:
         store = self.store
         if isinstance(message, protocol.CreateMemory):
-            return {"created": store.create(message.memory_id, message.owner)}
+            return {"created": store.create(message.memory_id, message.owner, message.placement)}
         if isinstance(message, protocol.DropMemory):
             return {"dropped": store.drop(message.memory_id)}
         if isinstance(message, protocol.RemoveDocument):
@@ -198,7 +201,7 @@ class MemoryService:
         if isinstance(message, protocol.ListContents):
             return {"memories": store.contents()}
         if isinstance(message, protocol.StoreStats):
-            return {"memories": store.all_stats(), "budget_bytes": store.budget_bytes}
+            return {"memories": store.all_stats(), **store.capacity()}
         raise ValueError(f"unhandled message {message!r}")
 
     def take_report(self, rid: str) -> dict:

@@ -1,10 +1,12 @@
-"""Per-memory document tensors kept by the scheduler process.
+"""The memories of one scheduler process.
 
 A memory maps document ids (`gid`, assigned in insertion order by the server's metadata layer)
-to what the routed layers need: pooled K̄, V̄ and router keys per chunk, and in full-resolution
-mode the document's token KV. Adding and deleting a document touches only that document; the
-routing view of a memory (its router keys back to back with their chunk layout) is rebuilt
-lazily once per change, not per query.
+to where the document's routed-layer tensors live: slots of the memory slot pools
+(`tiers.MemorySlots`: router keys in the device's key pool, pooled K̄ / V̄ and, in
+full-resolution mode, token K / V in the content pools of the memory's tier). Adding a document
+allocates its slots and writes them, deleting it frees them; nothing else moves. The routing
+view of a memory (its documents in order, their chunk layout and key slots) is rebuilt lazily
+once per change, not per query; the keys themselves are read in place.
 
 Thread safety: the control thread (create/delete) and the scheduler thread (ingest commits,
 reads during forward) share the store under one lock; readers take immutable snapshots.
@@ -12,15 +14,15 @@ reads during forward) share the store under one lock; readers take immutable sna
 
 from __future__ import annotations
 
-import mmap
 import threading
 from dataclasses import dataclass, field, fields
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
 from sglang_msa.kernels.reference import ChunkLayout, chunk_layout
 from sglang_msa.kernels.routing_scan import RouterKeyTable
+from sglang_msa.memory_manager.tiers import DocumentSlots, MemorySlots, Placement, SlotLayout, SlotsExhausted
 
 
 class MemoryOperationError(Exception):
@@ -65,120 +67,127 @@ class StoredDocument:
         return sum(tensors.nbytes() for tensors in self.layers.values())
 
 
-HOST_MAPPING_MIN_BYTES = 128 * 1024
-
-
-def document_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised 1-D buffer for one document's tensors.
-
-    In host memory, a buffer of its own anonymous mapping: deleting the document unmaps it, so
-    the process shrinks with the store. (From malloc, such buffers end up on the heap once glibc
-    has raised its mmap threshold after the first frees, and a stream of additions and deletions
-    then grows the process although the store does not.)
-    """
-    nbytes = numel * dtype.itemsize
-    if torch.device(device).type != "cpu" or nbytes < HOST_MAPPING_MIN_BYTES:
-        return torch.empty(numel, dtype=dtype, device=device)
-    mapping = mmap.mmap(-1, nbytes)  # kept alive by the tensor; unmapped when the last view goes
-    return torch.frombuffer(mapping, dtype=torch.uint8).view(dtype)
-
-
-def pack_document(doc: StoredDocument) -> StoredDocument:
-    """The same document with all its tensors as views of one buffer per dtype.
-
-    A document is then one large allocation that is freed (and, being large, returned to the
-    operating system) at once when it is deleted, instead of dozens of small ones that fragment
-    the heap under a stream of additions and deletions. Router keys that are the pooled keys
-    stay the same tensor.
-    """
-    unique: dict[int, torch.Tensor] = {}
-    for parts in doc.layers.values():
-        for tensor in parts.tensors().values():
-            unique.setdefault(id(tensor), tensor)
-    views: dict[int, torch.Tensor] = {}
-    for dtype in {t.dtype for t in unique.values()}:
-        members = [t for t in unique.values() if t.dtype == dtype]
-        buffer = document_buffer(sum(t.numel() for t in members), dtype, members[0].device)
-        offset = 0
-        for tensor in members:
-            view = buffer[offset : offset + tensor.numel()].view(tensor.shape)
-            view.copy_(tensor)
-            views[id(tensor)] = view
-            offset += tensor.numel()
-    layers = {
-        layer: LayerTensors(**{name: views[id(tensor)] for name, tensor in parts.tensors().items()})
-        for layer, parts in doc.layers.items()
-    }
-    return StoredDocument(gid=doc.gid, num_tokens=doc.num_tokens, num_chunks=doc.num_chunks, layers=layers)
-
-
-@dataclass(frozen=True)
 class RoutingView:
-    """A memory's router keys in one layer, back to back, with their chunk layout."""
+    """A memory's router keys in one layer: its documents, their chunk layout, and the key-pool
+    slots of its chunks in that order. Kernels read the keys in place through the slots; the
+    reference path gathers them."""
 
-    gids: list[int]
-    router_keys: torch.Tensor  # [C_total, Hkv, d]
-    layout: ChunkLayout
-    router_key_scales: torch.Tensor | None = None  # [C_total, Hkv] when the keys are float8
-    _key_table: list = field(default_factory=list, compare=False, repr=False)
+    def __init__(self, index: "_MemoryIndex", layer_id: int, slots: MemorySlots | None):
+        self._index, self._layer, self._slots = index, layer_id, slots
 
-    def key_table(self) -> RouterKeyTable:
-        """The view as the Triton routing scan reads it, built on first use (views are rebuilt
-        whenever the memory changes, so this never goes stale)."""
-        if not self._key_table:
-            self._key_table.append(RouterKeyTable.from_layout(self.router_keys, self.layout, self.router_key_scales))
-        return self._key_table[0]
+    @property
+    def gids(self) -> list[int]:
+        return self._index.gids
+
+    @property
+    def layout(self) -> ChunkLayout:
+        return self._index.layout
+
+    @property
+    def key_slots(self) -> torch.Tensor:
+        return self._index.key_slots
+
+    def keys_and_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The router keys [C, Hkv, d] in this view's order (a copy), and their float8 scales."""
+        if self._slots is None or not self.gids:
+            return torch.zeros(0), None
+        return self._slots.read_keys(self._layer, self.key_slots)
+
+    @property
+    def router_keys(self) -> torch.Tensor:
+        return self.keys_and_scales()[0]
 
     def float_keys(self) -> torch.Tensor:
         """The router keys as the reference path scores them: float8 keys times their scales."""
-        if self.router_key_scales is None:
-            return self.router_keys
-        return self.router_keys.float() * self.router_key_scales.unsqueeze(-1)
+        keys, scales = self.keys_and_scales()
+        return keys if scales is None else keys.float() * scales.unsqueeze(-1)
+
+    def key_table(self) -> RouterKeyTable:
+        """The view as the Triton routing scan reads it: the layer's whole key buffer, read
+        through this memory's slots (no copy of the keys)."""
+        pool = self._slots.keys
+        scales = pool.layer_buffer("router_k_scale", self._layer) if "router_k_scale" in pool.fields else None
+        doc_map = self._index.device_maps(pool.device)
+        return RouterKeyTable(keys=pool.layer_buffer("router_k", self._layer), scales=scales, chunk_doc=doc_map[0],
+                              chunk_weight=doc_map[1], chunk_slot=doc_map[2])
+
+
+@dataclass
+class _MemoryIndex:
+    """A memory's documents at one version, in routing order (the same in every layer)."""
+
+    gids: list[int]
+    layout: ChunkLayout
+    key_slots: torch.Tensor  # [C] int64 on the host
+    _device_maps: dict = field(default_factory=dict)
+
+    def device_maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """chunk → document, chunk weights (chunk_reduce mean) and key slots, on `device`, built once."""
+        if device not in self._device_maps:
+            table = RouterKeyTable.from_layout(torch.zeros(0), self.layout)
+            self._device_maps[device] = (table.chunk_doc.to(device), table.chunk_weight.to(device),
+                                         self.key_slots.to(device=device, dtype=torch.int32))
+        return self._device_maps[device]
 
 
 @dataclass
 class Memory:
     memory_id: str
     owner: str | None = None  # the tenant whose grants reach it (API keys enabled)
-    documents: dict[int, StoredDocument] = field(default_factory=dict)
+    placement: Placement = "auto"
+    documents: dict[int, DocumentSlots] = field(default_factory=dict)
     version: int = 0
-    _views: dict[int, RoutingView] = field(default_factory=dict)
-    _views_version: int = -1
-
-    def nbytes(self) -> int:
-        return sum(doc.nbytes() for doc in self.documents.values())
+    _index: _MemoryIndex | None = None
+    _index_version: int = -1
 
     def max_document_tokens(self) -> int:
         return max((doc.num_tokens for doc in self.documents.values()), default=0)
 
 
+class ArchivedMemory(NamedTuple):
+    """A memory as the backing stores it."""
+
+    owner: str | None
+    documents: list[StoredDocument]
+    placement: Placement = "auto"
+
+
 class DurableBacking(Protocol):
     """Where committed memories are also written (`persistence.DocumentArchive`), if anywhere."""
 
-    def create_memory(self, memory_id: str, owner: str | None) -> None: ...
+    def create_memory(self, memory_id: str, owner: str | None, placement: Placement) -> None: ...
     def drop_memory(self, memory_id: str) -> None: ...
     def write_document(self, memory_id: str, doc: StoredDocument) -> None: ...
     def remove_document(self, memory_id: str, gid: int) -> None: ...
 
 
 class MemoryStore:
-    def __init__(self, budget_bytes: int, chunk_size: int, backing: DurableBacking | None = None):
+    """Memories of one scheduler: their documents' slots in `MemorySlots` (created with the first
+    document, whose shapes they take), their owners and placements."""
+
+    def __init__(self, budget_bytes: int, chunk_size: int, backing: DurableBacking | None = None,
+                 host_budget_bytes: int = 0, router_key_format: str | None = None):
         self.budget_bytes = budget_bytes
+        self.host_budget_bytes = host_budget_bytes
         self.chunk_size = chunk_size
         self.backing = backing
+        self.router_key_format = router_key_format
+        self.slots: MemorySlots | None = None
         self._memories: dict[str, Memory] = {}
-        self._used_bytes = 0
+        self._used_bytes = {"device": 0, "host": 0}
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ control operations
-    def create(self, memory_id: str, owner: str | None = None) -> bool:
+    def create(self, memory_id: str, owner: str | None = None, placement: Placement = "auto") -> bool:
         """Create an empty memory; False if it already exists."""
         with self._lock:
             if memory_id in self._memories:
                 return False
+            if placement == "host" and self.host_budget_bytes == 0:
+                raise MemoryOperationError("placement 'host' needs host memory: host_memory_budget_mb is 0", 422)
             if self.backing is not None:
-                self.backing.create_memory(memory_id, owner)
-            self._memories[memory_id] = Memory(memory_id, owner)
+                self.backing.create_memory(memory_id, owner, placement)
+            self._memories[memory_id] = Memory(memory_id, owner, placement)
             return True
 
     def drop(self, memory_id: str) -> bool:
@@ -188,7 +197,8 @@ class MemoryStore:
                 return False
             if self.backing is not None:
                 self.backing.drop_memory(memory_id)
-            self._used_bytes -= memory.nbytes()
+            for doc in memory.documents.values():
+                self._release(doc)
             return True
 
     def remove_document(self, memory_id: str, gid: int) -> bool:
@@ -199,7 +209,7 @@ class MemoryStore:
                 return False
             if self.backing is not None:
                 self.backing.remove_document(memory_id, gid)
-            self._used_bytes -= doc.nbytes()
+            self._release(doc)
             memory.version += 1
             return True
 
@@ -210,28 +220,53 @@ class MemoryStore:
             memory = self._require(memory_id)
             if doc.gid in memory.documents:
                 raise MemoryOperationError(f"document {doc.gid} already exists in memory {memory_id!r}", 409)
-            size = doc.nbytes()
-            if self._used_bytes + size > self.budget_bytes:
-                raise MemoryOperationError(
-                    f"memory budget exhausted: {self._used_bytes + size} bytes needed, "
-                    f"memory_budget_mb allows {self.budget_bytes}", 507,
-                )
-            if self.backing is not None:
-                self.backing.write_document(memory_id, doc)
-            self._insert(memory, pack_document(doc))
+            placed = self._place(memory, doc)
+            try:
+                if self.backing is not None:
+                    self.backing.write_document(memory_id, doc)
+                self._publish(memory, placed, doc)
+            except BaseException:
+                self.slots.release(placed)
+                raise
 
-    def restore(self, memories: dict[str, tuple[str | None, list[StoredDocument]]]) -> None:
-        """Load memories read back from the backing (start-up): {id: (owner, documents)}."""
+    def restore(self, memories: dict[str, ArchivedMemory]) -> None:
+        """Load memories read back from the backing (start-up). A directory holding more than the
+        budgets allow is refused with the numbers, not partly loaded."""
         with self._lock:
-            for memory_id, (owner, docs) in memories.items():
-                memory = self._memories.setdefault(memory_id, Memory(memory_id, owner))
-                for doc in docs:
-                    self._insert(memory, pack_document(doc))
+            for memory_id, archived in memories.items():
+                memory = self._memories.setdefault(memory_id, Memory(memory_id, archived.owner, archived.placement))
+                for doc in archived.documents:
+                    try:
+                        placed = self._place(memory, doc)
+                    except MemoryOperationError as exc:
+                        raise MemoryOperationError(
+                            f"the memory directory holds more than this server's budgets: {exc}; start with larger "
+                            f"memory_budget_mb / host_memory_budget_mb", 507) from exc
+                    self._publish(memory, placed, doc)
 
-    def _insert(self, memory: Memory, doc: StoredDocument) -> None:
-        memory.documents[doc.gid] = doc
+    def _place(self, memory: Memory, doc: StoredDocument) -> DocumentSlots:
+        if self.slots is None:
+            layout = SlotLayout.of_document(doc, self.chunk_size, self.router_key_format)
+            self.slots = MemorySlots(layout, self.budget_bytes, self.host_budget_bytes)
+        if tuple(sorted(doc.layers)) != self.slots.layout.layers:
+            raise ValueError(f"document {doc.gid} has routed layers {sorted(doc.layers)}, "
+                             f"the store {list(self.slots.layout.layers)}")
+        try:
+            return self.slots.place(doc.gid, doc.num_tokens, doc.num_chunks, memory.placement)
+        except SlotsExhausted as exc:
+            raise MemoryOperationError(str(exc), 507) from exc
+
+    def _publish(self, memory: Memory, placed: DocumentSlots, doc: StoredDocument) -> None:
+        self.slots.write(placed, doc.layers)
+        memory.documents[placed.gid] = placed
         memory.version += 1
-        self._used_bytes += doc.nbytes()
+        for tier, size in self.slots.nbytes(placed).items():
+            self._used_bytes[tier] += size
+
+    def _release(self, doc: DocumentSlots) -> None:
+        for tier, size in self.slots.nbytes(doc).items():
+            self._used_bytes[tier] -= size
+        self.slots.release(doc)
 
     # ------------------------------------------------------------------ reads
     def exists(self, memory_id: str) -> bool:
@@ -252,23 +287,40 @@ class MemoryStore:
             return self._require(memory_id).max_document_tokens()
 
     def routing_view(self, memory_id: str, layer_id: int) -> RoutingView:
-        """The memory's router keys in `layer_id`, rebuilt only after the memory changed."""
+        """The memory's router keys in `layer_id`; its document order and chunk layout are
+        rebuilt only after the memory changed."""
         with self._lock:
             memory = self._require(memory_id)
-            if memory._views_version != memory.version:
-                memory._views, memory._views_version = {}, memory.version
-            view = memory._views.get(layer_id)
-            if view is None:
-                view = _build_view(memory, layer_id, self.chunk_size)
-                memory._views[layer_id] = view
-            return view
+            if memory._index_version != memory.version:
+                gids = list(memory.documents)
+                docs = [memory.documents[gid] for gid in gids]
+                memory._index = _MemoryIndex(
+                    gids=gids, layout=chunk_layout([doc.num_tokens for doc in docs], self.chunk_size),
+                    key_slots=torch.cat([doc.key_slots for doc in docs]) if docs else torch.zeros(0, dtype=torch.int64),
+                )
+                memory._index_version = memory.version
+            return RoutingView(memory._index, layer_id, self.slots)
 
-    def documents(self, memory_id: str, gids: list[int]) -> list[StoredDocument]:
+    def documents(self, memory_id: str, gids: list[int]) -> list[DocumentSlots]:
         """Those of `gids` that are still in the memory, in order (a routing view taken earlier
         may name documents deleted since)."""
         with self._lock:
             memory = self._require(memory_id)
             return [memory.documents[gid] for gid in gids if gid in memory.documents]
+
+    def content(self, docs: list[DocumentSlots], layer_id: int, content: str,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V rows of `docs` in one layer, back to back, on `device` (`tiers.MemorySlots.read_content`)."""
+        with self._lock:
+            return self.slots.read_content(docs, layer_id, content, device)
+
+    def document_tensors(self, memory_id: str, gid: int) -> StoredDocument:
+        """A stored document's tensors (copies)."""
+        with self._lock:
+            doc = self._require(memory_id).documents[gid]
+            layers = self.slots.read_document(doc, self.slots.layout.layers)
+            return StoredDocument(gid=gid, num_tokens=doc.num_tokens, num_chunks=doc.num_chunks,
+                                  layers={layer: LayerTensors(**parts) for layer, parts in layers.items()})
 
     def contents(self) -> dict[str, list[int]]:
         """Every memory and its document ids."""
@@ -277,43 +329,41 @@ class MemoryStore:
 
     def used_bytes(self) -> int:
         with self._lock:
-            return self._used_bytes
+            return sum(self._used_bytes.values())
 
     def stats(self, memory_id: str) -> dict:
         with self._lock:
             memory = self._require(memory_id)
+            docs = list(memory.documents.values())
+            by_tier = {"device": 0, "host": 0}
+            for doc in docs:
+                for tier, size in self.slots.nbytes(doc).items():
+                    by_tier[tier] += size
             return {
-                "documents": len(memory.documents),
-                "tokens": sum(doc.num_tokens for doc in memory.documents.values()),
-                "chunks": sum(doc.num_chunks for doc in memory.documents.values()),
-                "bytes": memory.nbytes(),
+                "documents": len(docs),
+                "tokens": sum(doc.num_tokens for doc in docs),
+                "chunks": sum(doc.num_chunks for doc in docs),
+                "bytes": by_tier["device"] + by_tier["host"],
+                "device_bytes": by_tier["device"],
+                "host_bytes": by_tier["host"],
+                "placement": memory.placement,
             }
 
     def all_stats(self) -> dict[str, dict]:
         with self._lock:
             return {memory_id: self.stats(memory_id) for memory_id in self._memories}
 
+    def capacity(self) -> dict:
+        """Budgets and, once the slots exist, free and total chunk slots per tier."""
+        with self._lock:
+            result = {"budget_bytes": self.budget_bytes, "host_budget_bytes": self.host_budget_bytes}
+            if self.slots is not None:
+                result["chunk_slots"] = {tier: {"total": pool.capacity, "free": pool.available()}
+                                         for tier, pool in self.slots.chunk_pools.items()}
+            return result
+
     def _require(self, memory_id: str) -> Memory:
         memory = self._memories.get(memory_id)
         if memory is None:
             raise MemoryOperationError(f"memory {memory_id!r} does not exist", 404)
         return memory
-
-
-def _build_view(memory: Memory, layer_id: int, chunk_size: int) -> RoutingView:
-    gids = list(memory.documents)
-    docs = [memory.documents[gid] for gid in gids]
-    layout = chunk_layout([doc.num_tokens for doc in docs], chunk_size)
-    parts = [doc.layers[layer_id] for doc in docs]
-    if not parts:
-        return RoutingView(gids=gids, router_keys=torch.zeros(0), layout=layout)
-    quantized = [p.router_k_scale is not None for p in parts]
-    if all(quantized):
-        return RoutingView(gids=gids, router_keys=torch.cat([p.router_k for p in parts]), layout=layout,
-                           router_key_scales=torch.cat([p.router_k_scale for p in parts]))
-    if any(quantized):  # documents stored before and after a change of router_key_format
-        plain_dtype = next(p.router_k.dtype for p in parts if p.router_k_scale is None)
-        keys = [p.router_k if p.router_k_scale is None else
-                (p.router_k.float() * p.router_k_scale.unsqueeze(-1)).to(plain_dtype) for p in parts]
-        return RoutingView(gids=gids, router_keys=torch.cat(keys), layout=layout)
-    return RoutingView(gids=gids, router_keys=torch.cat([p.router_k for p in parts]), layout=layout)

@@ -171,16 +171,18 @@ class MemoryAPI:
         return result
 
     # ------------------------------------------------------------------------------ memories
-    async def create_memory(self, memory_id: str) -> dict:
+    async def create_memory(self, memory_id: str, placement: str = "auto") -> dict:
         owner = caller_tenant.get()
         if not self.metadata.create_memory(memory_id, owner):
             raise APIError(409, f"memory {memory_id!r} already exists", "memory_id")
         try:
-            await self.control_request(protocol.CreateMemory(memory_id=memory_id, owner=owner))
-        except APIError:
+            await self.control_request(protocol.CreateMemory(memory_id=memory_id, owner=owner, placement=placement))
+        except APIError as exc:
             self.metadata.delete_memory(memory_id)
+            if exc.status == 422:
+                raise APIError(422, exc.message, "placement") from exc
             raise
-        return {"memory_id": memory_id, "created": True}
+        return {"memory_id": memory_id, "created": True, "placement": placement}
 
     def list_memories(self) -> dict:
         """Every memory, or with API keys the caller's."""
@@ -194,8 +196,9 @@ class MemoryAPI:
             own = {m["memory_id"] for m in self.metadata.list_memories(caller_tenant.get())}
             per_memory = {memory_id: stats for memory_id, stats in per_memory.items() if memory_id in own}
         totals = {key: sum(stats[key] for stats in per_memory.values())
-                  for key in ("documents", "tokens", "chunks", "bytes")}
-        return {"memories": len(per_memory), **totals, "budget_bytes": reply["budget_bytes"]}
+                  for key in ("documents", "tokens", "chunks", "bytes", "device_bytes", "host_bytes")}
+        capacity = {key: reply[key] for key in ("budget_bytes", "host_budget_bytes", "chunk_slots") if key in reply}
+        return {"memories": len(per_memory), **totals, **capacity}
 
     async def memory_info(self, memory_id: str) -> dict:
         self.require_memory(memory_id)
@@ -205,7 +208,8 @@ class MemoryAPI:
             "documents": stats["documents"],
             "tokens": stats["tokens"],
             "chunks": stats["chunks"],
-            "bytes": {"device": stats["bytes"], "host": 0},
+            "placement": stats["placement"],
+            "bytes": {"device": stats["device_bytes"], "host": stats["host_bytes"]},
         }
 
     async def delete_memory(self, memory_id: str) -> dict:

@@ -89,7 +89,7 @@ def install(app) -> None:
 @router.post("", status_code=201)
 async def create_memory(body: schemas.CreateMemoryRequest, api: MemoryAPI = ApiDependency):
     """Create an empty memory."""
-    return JSONResponse(status_code=201, content=await api.create_memory(body.memory_id))
+    return JSONResponse(status_code=201, content=await api.create_memory(body.memory_id, body.placement))
 
 
 @router.get("")

@@ -14,6 +14,12 @@ DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$"
 class CreateMemoryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     memory_id: str = Field(pattern=MEMORY_ID_PATTERN)
+    placement: Literal["auto", "device", "host"] = Field(
+        "auto",
+        description="where the documents' content lives: 'device' (with the router keys), 'host' (host memory, "
+        "copied to the device for the selected documents only; needs host_memory_budget_mb), or 'auto' (the "
+        "device while it has room, then the host)",
+    )
 
 
 class DocumentIn(BaseModel):

@@ -46,11 +46,25 @@ def rounded_reference(q, keys, similarity, head_reduce, query_reduce, rounding):
     return ref.chunk_scores(base.to(rounding).double() * undo_scale, keys, "dot", head_reduce, query_reduce)
 
 
-def check(shapes, dtypes, reductions, device, block_c, gen) -> int:
+def in_pool(stored: torch.Tensor, scales: torch.Tensor | None, gen: torch.Generator):
+    """The keys scattered over a larger slot pool (other rows NaN: a wrong read shows) and their slots."""
+    rows = stored.shape[0]
+    slots = torch.randperm(2 * rows + 3, generator=gen)[:rows] + 1
+    pool = torch.full((2 * rows + 4, *stored.shape[1:]), float("nan")).to(stored.dtype)
+    pool[slots] = stored
+    pool_scales = None
+    if scales is not None:
+        pool_scales = torch.full((pool.shape[0], *scales.shape[1:]), float("nan"))
+        pool_scales[slots] = scales
+    return pool, pool_scales, slots
+
+
+def check(shapes, dtypes, reductions, device, block_c, gen, in_place: bool = False) -> int:
+    """`in_place`: every memory's keys are read through slots of one shared pool."""
     failures = 0
     for (tokens, heads, kv_heads, dim, memories, chunk), dtype, (similarity, head_reduce, query_reduce, chunk_reduce) \
             in itertools.product(shapes, dtypes, reductions):
-        tables, layouts, float_keys = [], [], []
+        tables, layouts, float_keys, all_keys, all_scales = [], [], [], [], []
         for doc_lens in memories:
             layout = ref.chunk_layout(doc_lens, chunk)
             keys = torch.randn(layout.num_chunks, kv_heads, dim, generator=gen)
@@ -60,9 +74,18 @@ def check(shapes, dtypes, reductions, device, block_c, gen) -> int:
             else:
                 stored, scales = keys.to(dtype), None
                 float_keys.append(stored.float())
+            all_keys.append(stored)
+            all_scales.append(scales)
             tables.append(RouterKeyTable.from_layout(stored.to(device), layout,
                                                      None if scales is None else scales.to(device)))
             layouts.append(layout)
+        if in_place:
+            pool, pool_scales, slots = in_pool(torch.cat(all_keys),
+                                               None if dtype != "fp8" else torch.cat(all_scales), gen)
+            pool, pool_scales = pool.to(device), None if pool_scales is None else pool_scales.to(device)
+            starts = [0, *itertools.accumulate(layout.num_chunks for layout in layouts)]
+            tables = [RouterKeyTable.from_layout(pool, layout, pool_scales, slots[starts[i]:starts[i + 1]])
+                      for i, layout in enumerate(layouts)]
         table, ranges = RouterKeyTable.concat(tables)
         queries = [torch.randn(t, heads, dim, generator=gen) for t in tokens]
         requests = [RoutingRequest(router_q=q.to(device), chunk_start=ranges[i % len(memories)][0],
@@ -104,15 +127,18 @@ def check(shapes, dtypes, reductions, device, block_c, gen) -> int:
         failures += not ok
         print(f"{'ok ' if ok else 'BAD'} T={tokens} H={heads}/{kv_heads} d={dim} docs={[len(m) for m in memories]} "
               f"{str(dtype).replace('torch.', '')} {similarity}/{head_reduce}/{query_reduce}/{chunk_reduce} "
-              f"rel_err={worst:.1e}")
+              f"{'slots ' if in_place else ''}rel_err={worst:.1e}")
     return failures
 
 
 def checks(gpu: bool, gen: torch.Generator) -> int:
     dtypes = [torch.float32, torch.bfloat16, "fp8"]
     if gpu:
-        return check(TINY, dtypes, GPU_REDUCTIONS, "cuda", 16, gen) + check(REAL, dtypes[1:], GPU_REDUCTIONS, "cuda", 64, gen)
-    return check(TINY, dtypes, ALL_REDUCTIONS, "cpu", 16, gen)
+        return (check(TINY, dtypes, GPU_REDUCTIONS, "cuda", 16, gen) + check(REAL, dtypes[1:], GPU_REDUCTIONS, "cuda", 64, gen)
+                + check(TINY, dtypes, GPU_REDUCTIONS, "cuda", 16, gen, in_place=True)
+                + check(REAL, dtypes[1:], GPU_REDUCTIONS[:1], "cuda", 64, gen, in_place=True))
+    return check(TINY, dtypes, ALL_REDUCTIONS, "cpu", 16, gen) + check(TINY, dtypes, ALL_REDUCTIONS[::4], "cpu", 16, gen,
+                                                                     in_place=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""Memory slots: where memory documents' tensors live, addressed by slot like SGLang's token KV pool.
+
+One pooled chunk is one slot (design.md §1): a pooled K̄ row has the shape of one token's K,
+`[kv_heads, head_dim]`. A `SlotPool` holds, for the routed layers only, one buffer per field
+(`[routed layers, capacity + 1, *row]`; slot 0 is padding, as in SGLang's pools) and hands out
+slots through SGLang's own allocator (`TokenToKVPoolAllocator`: a free list, from which the
+lowest free slots are taken: freed slots are sorted back in before the next allocation, so the
+pool stays packed at its low end and host memory is touched only up to the peak in use). Adding
+a document allocates its slots, deleting it frees them: no compaction, and any free slot serves
+any document, so a pool never refuses a document while it has as many free slots as it needs.
+
+Buffers are allocated once, at their full capacity, when the store first needs them (the first
+document gives their shapes); `torch.empty`, so host memory is committed by the pages written,
+and the device budget is the one the plugin takes out of SGLang's `mem_fraction_static`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One tensor per slot and routed layer: its row shape (without the slot) and dtype."""
+
+    name: str
+    row_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def row_bytes(self) -> int:
+        return math.prod(self.row_shape) * self.dtype.itemsize
+
+
+class SlotPool:
+    """Per-field buffers of `capacity` slots in every routed layer, with SGLang's slot allocator."""
+
+    def __init__(self, name: str, capacity: int, layers: tuple[int, ...], fields: list[FieldSpec],
+                 device: torch.device, pin_memory: bool = False):
+        from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+        self.name = name
+        self.capacity = capacity
+        self.layer_index = {layer: i for i, layer in enumerate(layers)}
+        self.fields = {spec.name: spec for spec in fields}
+        self.device = torch.device(device)
+        self.pinned = pin_memory
+        self.buffers = {
+            spec.name: torch.empty((len(layers), capacity + 1, *spec.row_shape), dtype=spec.dtype, device=device,
+                                   pin_memory=pin_memory)
+            for spec in fields
+        }
+        # slot indices are bookkeeping: they stay on the host; kernels get them per memory version
+        self.allocator = TokenToKVPoolAllocator(capacity, torch.int64, "cpu", kvcache=None, need_sort=True)
+
+    def slot_bytes(self) -> int:
+        """Bytes one slot holds over all routed layers and fields."""
+        return len(self.layer_index) * sum(spec.row_bytes() for spec in self.fields.values())
+
+    def nbytes(self) -> int:
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers.values())
+
+    def available(self) -> int:
+        return self.allocator.available_size()
+
+    def used(self) -> int:
+        return self.capacity - self.available()
+
+    def alloc(self, count: int) -> torch.Tensor | None:
+        """`count` free slots (int64, on the host), or None when fewer are free."""
+        if count == 0:
+            return torch.empty(0, dtype=torch.int64)
+        self.allocator.merge_and_sort_free()  # lowest slots first (a no-op when nothing was freed)
+        return self.allocator.alloc(count)
+
+    def free(self, slots: torch.Tensor) -> None:
+        self.allocator.free(slots)
+
+    def write(self, name: str, slots: torch.Tensor, rows_per_layer: dict[int, torch.Tensor]) -> None:
+        """Store `rows_per_layer[layer]` ([len(slots), *row]) at `slots` of every routed layer."""
+        buffer = self.buffers[name]
+        index = slots.to(self.device)
+        for layer, rows in rows_per_layer.items():
+            rows = rows.to(device=self.device, dtype=buffer.dtype)
+            _bytes_of(buffer[self.layer_index[layer]]).index_copy_(0, index, _bytes_of(rows))
+
+    def read(self, name: str, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """The rows at `slots` in `layer` (a copy, on the pool's device)."""
+        buffer = self.buffers[name][self.layer_index[layer]]
+        return _bytes_of(buffer).index_select(0, slots.to(self.device)).view(buffer.dtype)
+
+    def layer_buffer(self, name: str, layer: int) -> torch.Tensor:
+        """The whole `[capacity + 1, *row]` buffer of one layer (kernels read it through slots)."""
+        return self.buffers[name][self.layer_index[layer]]
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """float8 tensors as their bytes (torch has no float8 index_copy / index_select on a CPU)."""
+    return tensor.view(torch.uint8) if tensor.dtype.itemsize == 1 else tensor
