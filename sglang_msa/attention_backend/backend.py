@@ -26,7 +26,7 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang_msa.attention_backend import memory_ops
 from sglang_msa.attention_backend.kernel_attention import BatchMemoryRows, ContextPlan, attend_batch, plan_context
 from sglang_msa.attention_backend.plan import BatchPlan, plan_batch
-from sglang_msa.memory_manager.service import ModelFacts, start_service
+from sglang_msa.memory_manager.service import KVGeometry, ModelFacts, start_service
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 class MSAAttnBackend(TorchNativeAttnBackend):
     def __init__(self, model_runner):
         super().__init__(model_runner)
-        self.service = start_service(_model_facts(model_runner), model_runner.server_args.port)
+        self.service = start_service(_model_facts(model_runner, self.token_to_kv_pool), model_runner.server_args.port)
         self.routed_layers = frozenset(self.service.routed_layers)
         self.last_routed_layer = max(self.service.routed_layers)
         self.plan: BatchPlan | None = None
@@ -128,7 +128,7 @@ class MSAAttnBackend(TorchNativeAttnBackend):
         return out
 
 
-def _model_facts(model_runner) -> ModelFacts:
+def _model_facts(model_runner, kv_pool) -> ModelFacts:
     config = model_runner.model_config.hf_config
     chunked = model_runner.server_args.chunked_prefill_size
     num_layers = model_runner.model_config.num_hidden_layers
@@ -138,4 +138,6 @@ def _model_facts(model_runner) -> ModelFacts:
         max_prefill_tokens=chunked if chunked and chunked > 0 else None,
         model_identity={"model": model_runner.server_args.model_path, "num_layers": num_layers,
                         "dtype": str(model_runner.model_config.dtype)},
+        kv_geometry=KVGeometry(kv_heads=kv_pool.head_num, head_dim=kv_pool.head_dim, v_head_dim=kv_pool.v_head_dim,
+                               dtype=kv_pool.dtype, device=torch.device(model_runner.device)),
     )

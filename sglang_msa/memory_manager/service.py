@@ -11,6 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+import torch
 import zmq
 from pydantic import ValidationError
 
@@ -27,6 +28,7 @@ from sglang_msa.memory_manager.requests import (
     parse_request_params,
 )
 from sglang_msa.memory_manager.store import MemoryOperationError, MemoryStore
+from sglang_msa.memory_manager.tiers import SlotLayout
 from sglang_msa.models.msa_config import options_for_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -35,11 +37,23 @@ _service: "MemoryService | None" = None
 
 
 @dataclass(frozen=True)
+class KVGeometry:
+    """One token's K and V rows in the scheduler's KV pool (this rank's KV heads)."""
+
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     num_layers: int
     msa_config: dict | None  # the checkpoint's msa_config (MSA format); None for training-free models
     max_prefill_tokens: int | None  # a query's prompt must fit one prefill pass
     model_identity: dict = field(default_factory=dict)  # what persisted memories must match (model, dtype)
+    kv_geometry: KVGeometry | None = None  # the KV pool's per-token rows: memory slots are reserved at start-up
 
     @property
     def is_msa_checkpoint(self) -> bool:
@@ -76,11 +90,24 @@ class MemoryService:
         self.store = MemoryStore(int(options.memory_budget_mb * 2**20), options.chunk_size, self._open_archive(),
                                  host_budget_bytes=int(options.host_memory_budget_mb * 2**20),
                                  router_key_format=options.router_key_format)
+        if facts.kv_geometry is not None:
+            self.store.reserve(self.slot_layout(facts.kv_geometry))
         self.registry = RequestRegistry()
         self._control_thread: threading.Thread | None = None
         logger.info(
             "sglang-msa: routed layers %s, top_k_docs=%d, chunk_size=%d, memory_content=%s",
             self.routed_layers, options.top_k_docs, options.chunk_size, options.memory_content,
+        )
+
+    def slot_layout(self, kv: KVGeometry) -> SlotLayout:
+        """What each stored document holds per routed layer, from the KV pool and the options."""
+        fp8 = self.options.router_key_format == "fp8"
+        return SlotLayout(
+            layers=tuple(self.routed_layers), chunk_size=self.options.chunk_size, kv_heads=kv.kv_heads,
+            head_dim=kv.head_dim, v_head_dim=kv.v_head_dim, dtype=kv.dtype,
+            router_dtype=torch.float8_e4m3fn if fp8 else kv.dtype,
+            router_is_pooled_k=not fp8 and not self.facts.is_msa_checkpoint,
+            full=self.options.memory_content == "full", device=kv.device,
         )
 
     def _open_archive(self) -> DocumentArchive | None:

@@ -47,11 +47,18 @@ class SlotPool:
         self.fields = {spec.name: spec for spec in fields}
         self.device = torch.device(device)
         self.pinned = pin_memory
-        self.buffers = {
-            spec.name: torch.empty((len(layers), capacity + 1, *spec.row_shape), dtype=spec.dtype, device=device,
-                                   pin_memory=pin_memory)
-            for spec in fields
-        }
+        try:
+            self.buffers = {
+                spec.name: torch.empty((len(layers), capacity + 1, *spec.row_shape), dtype=spec.dtype, device=device,
+                                       pin_memory=pin_memory)
+                for spec in fields
+            }
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            need = sum(spec.row_bytes() for spec in fields) * len(layers) * (capacity + 1)
+            raise MemoryError(
+                f"sglang-msa: cannot reserve {need / 2**20:.0f} MiB for the {name} memory slots on {device}: "
+                f"lower memory_budget_mb / host_memory_budget_mb ({exc})"
+            ) from exc
         # slot indices are bookkeeping: they stay on the host; kernels get them per memory version
         self.allocator = TokenToKVPoolAllocator(capacity, torch.int64, "cpu", kvcache=None, need_sort=True)
 
@@ -87,9 +94,13 @@ class SlotPool:
             _bytes_of(buffer[self.layer_index[layer]]).index_copy_(0, index, _bytes_of(rows))
 
     def read(self, name: str, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """The rows at `slots` in `layer` (a copy, on the pool's device)."""
-        buffer = self.buffers[name][self.layer_index[layer]]
-        return _bytes_of(buffer).index_select(0, slots.to(self.device)).view(buffer.dtype)
+        """The rows at `slots` in `layer` (a copy, on the pool's device; in pinned memory when the
+        pool is, so that the copy to a GPU does not block the host)."""
+        buffer = _bytes_of(self.buffers[name][self.layer_index[layer]])
+        out = torch.empty((slots.shape[0], *buffer.shape[1:]), dtype=buffer.dtype, device=self.device,
+                          pin_memory=self.pinned)
+        torch.index_select(buffer, 0, slots.to(self.device), out=out)
+        return out.view(self.fields[name].dtype)
 
     def layer_buffer(self, name: str, layer: int) -> torch.Tensor:
         """The whole `[capacity + 1, *row]` buffer of one layer (kernels read it through slots)."""

@@ -244,10 +244,15 @@ class MemoryStore:
                             f"memory_budget_mb / host_memory_budget_mb", 507) from exc
                     self._publish(memory, placed, doc)
 
+    def reserve(self, layout: SlotLayout) -> None:
+        """Allocate the slot pools now (start-up), instead of with the first document."""
+        with self._lock:
+            if self.slots is None:
+                self.slots = MemorySlots(layout, self.budget_bytes, self.host_budget_bytes)
+
     def _place(self, memory: Memory, doc: StoredDocument) -> DocumentSlots:
         if self.slots is None:
-            layout = SlotLayout.of_document(doc, self.chunk_size, self.router_key_format)
-            self.slots = MemorySlots(layout, self.budget_bytes, self.host_budget_bytes)
+            self.reserve(SlotLayout.of_document(doc, self.chunk_size, self.router_key_format))
         if tuple(sorted(doc.layers)) != self.slots.layout.layers:
             raise ValueError(f"document {doc.gid} has routed layers {sorted(doc.layers)}, "
                              f"the store {list(self.slots.layout.layers)}")

@@ -290,9 +290,8 @@ def _runs_by_tier(docs: list[DocumentSlots]) -> list[list[DocumentSlots]]:
 
 
 def _to_device(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows gathered by a pool, on `device`: from pinned host memory without blocking the host
+    (the copy is ordered on the current stream before the attention that reads it)."""
     if rows.device == torch.device(device):
         return rows
-    if torch.device(device).type == "cuda":
-        # gathered rows are pageable: stage them in pinned memory so the copy does not block the host
-        return rows.pin_memory().to(device, non_blocking=True)
-    return rows.to(device)
+    return rows.to(device, non_blocking=rows.is_pinned())
