@@ -206,3 +206,12 @@ def test_churn_reuses_the_lowest_slots_instead_of_walking_the_pool():
     capacity = store.capacity()["chunk_slots"]["device"]["total"]
     assert capacity > 20 * peak_chunks  # the walk would have reached far beyond the peak
     assert highest <= 1.25 * peak_chunks, (highest, peak_chunks)
+
+
+def test_msa_4b_bytes_per_token_are_the_specs():
+    """Spec §8 (18 routed layers, 8 KV heads, d = 128, bf16, P = 64): router keys 576 B per
+    token on the device, content 1,152 B wherever the memory is placed."""
+    layout = SlotLayout(layers=tuple(range(18, 36)), chunk_size=64, kv_heads=8, head_dim=128, v_head_dim=128,
+                        dtype=torch.bfloat16, router_dtype=torch.bfloat16, router_is_pooled_k=False, full=False,
+                        device=torch.device("cpu"))
+    assert layout.key_bytes_per_chunk() / 64 == 576 and layout.content_bytes_per_chunk() / 64 == 1152
