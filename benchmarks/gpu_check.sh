@@ -5,7 +5,10 @@
 #   2. the server end to end with --attention-backend msa on a small model, when SGLang is
 #      installed on the machine (`make install` does that on a GPU machine);
 #   3. the kernel benchmark table (benchmarks/kernels.py), JSON to $RESULTS (default
-#      benchmarks/results/kernels_<card>.json).
+#      benchmarks/results/kernels_<card>.json);
+#   4. memory at scale through the store (slot pools, routing scan through slots, host-tier
+#      content copied to the GPU), embedded-model and MSA-4B shapes, when SGLang is installed
+#      (its allocator hands out the slots): benchmarks/memory_scale.py.
 # Usage: bash benchmarks/gpu_check.sh            (from the repository root)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,4 +43,15 @@ fi
 echo "== 3. kernel benchmarks"
 mkdir -p "$(dirname "$RESULTS")"
 $PY benchmarks/kernels.py --out "$RESULTS" || status=1
+
+echo "== 4. memory at scale (store + kernels, device vs host placement)"
+if $PY -c "import sglang" 2>/dev/null; then
+  $PY benchmarks/memory_scale.py --shape embedded --sizes 1000000,10000000,30000000 \
+      --out "benchmarks/results/memory_scale_embedded_${card}.json" || status=1
+  $PY benchmarks/memory_scale.py --shape msa-4b --sizes 1000000,10000000,20000000 \
+      --out "benchmarks/results/memory_scale_msa4b_${card}.json" || status=1
+else
+  echo "NOT RUN: SGLang is not installed for $PY on this machine (its allocator hands out memory slots)"
+  status=2
+fi
 exit $status

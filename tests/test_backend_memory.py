@@ -130,7 +130,7 @@ def test_triton_path_in_an_interpreter_process():
     )
     tail = result.stdout[-3000:] + result.stderr[-2000:]
     assert result.returncode == 0, tail
-    assert re.search(r"\b7 passed\b", result.stdout), tail  # 4 match-reference cases, empty memory, a batch, fp8
+    assert re.search(r"\b8 passed\b", result.stdout), tail  # 4 match-reference cases, empty memory, a batch, fp8, slot reuse
 
 
 @pytest.mark.parametrize("memory_content", ["full", "pooled"])
@@ -369,3 +369,52 @@ def test_fp8_router_keys_route_on_their_dequantized_values(parts, kernels):
     report = harness.service.take_report("q")["layers"]["0"]
     assert report["doc_gids"] == ref.select_top_k(scores, 2).tolist()
     torch.testing.assert_close(torch.tensor(report["scores"]), scores[report["doc_gids"]], atol=1e-4, rtol=1e-4)
+
+
+def test_a_selection_survives_deletion_and_slot_reuse(parts, kernels):
+    """A query's frozen selection is read in place from the slot pool on the Triton path: deleting
+    its documents and storing new ones meanwhile (which take the lowest free slots) must not change
+    what its decode steps attend to; the slots are reused once the request's state is gone."""
+    gen = torch.Generator().manual_seed(31)
+    harness = Harness(parts, MSAOptions(top_k_docs=2, chunk_size=4, memory_content="full", kernels=kernels))
+    store = harness.service.store
+    store.create("m")
+
+    def ingest(gid):
+        n = DOC_LENS[gid % len(DOC_LENS)]
+        k, v = torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)
+        harness.service.registry.put(f"i{gid}", IngestState(IngestParams(op="ingest", memory_id="m", gid=gid),
+                                                            num_tokens=n))
+        harness.extend_batch([(f"i{gid}", torch.randn(n, H * D, generator=gen), k, v)])
+        assert harness.service.take_report(f"i{gid}")["committed"]
+        return k, v
+
+    docs = {gid: ingest(gid) for gid in range(len(DOC_LENS))}
+    n = 5
+    q, k, v = torch.randn(n + 1, H * D, generator=gen), torch.randn(n + 1, HKV, D, generator=gen), \
+        torch.randn(n + 1, HKV, D, generator=gen)
+    harness.service.registry.put("q", QueryState(params=QueryParams(memory_id="m"), prompt_len=n,
+                                                 routing_spans=[(0, n)], position_offset=30))
+    _, rows, slots = harness.extend_batch([("q", q[:n], k[:n], v[:n])], decode_slots=1)
+    selection = harness.service.registry.get("q").selections[0]
+    assert (selection.in_place is not None) == (kernels == "triton")
+    chosen = selection.gids
+    memory_k = torch.cat([docs[g][0] for g in chosen])
+    memory_v = torch.cat([docs[g][1] for g in chosen])
+    held = store.used_bytes()
+    for gid in chosen:
+        assert store.remove_document("m", gid)
+    for gid in range(100, 100 + len(DOC_LENS)):  # enough new documents to take every freed slot
+        ingest(gid)
+    out, _ = harness.decode("q", rows[0], slots[0][n], n + 1, q[n:], k[n:], v[n:])
+    expected = ref.msa_attention(ref.AttentionInputs(
+        q=q[n:].view(1, H, D), prefix_k=k[:0], prefix_v=v[:0], memory_k=memory_k, memory_v=memory_v,
+        local_k=k, local_v=v, scale=D**-0.5,
+    )).reshape(1, H * D)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    live = store.used_bytes()
+    harness.service.take_report("q")  # the request's state leaves: its documents' slots are free
+    if kernels == "triton":
+        assert store.used_bytes() < live and store.used_bytes() > held  # the deleted ones went, the new stayed
+    else:
+        assert store.used_bytes() == live

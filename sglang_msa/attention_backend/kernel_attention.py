@@ -4,9 +4,11 @@ per batch, run per routed layer.
 - `plan_context` (once per batch, in `init_forward_metadata`): which rows of the batch's q are
   memory-query tokens after their template, and each request's KV slots in SGLang's paged pool
   (its `req_to_token` row) as one index list: the [template ; local] part is read in place.
-- `BatchMemoryRows` (per layer): the selected documents' rows of every query request of the
-  batch back to back. Selections are frozen after prefill, so the buffer is built when the
-  batch's selections change (a request joins, leaves or routes) and reused by later decode steps.
+- `BatchMemoryRows` (per layer): where the selected documents' rows of every query request of
+  the batch are: read in place from the device slot pool through their slots when every
+  selection is there, else gathered back to back. Selections are frozen after prefill, so this
+  is built when the batch's selections change (a request joins, leaves or routes) and reused by
+  later decode steps.
 - `attend_batch` (per layer): two launches of `indexed_attention` (memory rows; causal context)
   and their log-sum-exp merge, written over the dense output of those rows.
 """
@@ -68,12 +70,11 @@ class BatchMemoryRows:
         if cached is None or len(cached[0]) != len(selections) or any(
             a is not b for a, b in zip(cached[0], selections)
         ):
-            counts = [s.memory_k.shape[0] for s in selections]
-            memory_k = torch.cat([s.memory_k for s in selections])
+            counts = [s.num_rows for s in selections]
+            memory_k, memory_v, index = _rows_of(selections)
             device = memory_k.device
             rows = (
-                memory_k, torch.cat([s.memory_v for s in selections]),
-                torch.arange(sum(counts), dtype=torch.int32, device=device),
+                memory_k, memory_v, index,
                 torch.tensor([0, *itertools.accumulate(counts[:-1])], dtype=torch.int32, device=device),
                 torch.tensor(counts, dtype=torch.int32, device=device), max(counts),
             )
@@ -87,6 +88,20 @@ class BatchMemoryRows:
             max_q_count=queries.max_q_count, max_kv_count=max_kv, causal_ready=False,
         )
         return memory_k, memory_v, index, plan
+
+
+def _rows_of(selections: list[LayerSelection]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(K rows, V rows, index of each selection's rows in them, back to back): the device pool's
+    buffers and the selections' slots when every non-empty selection is in place there, else
+    the rows gathered into tensors of their own."""
+    placed = [s.in_place for s in selections if s.num_rows]
+    if placed and all(p is not None and p.same_buffers(placed[0]) for p in placed):
+        index = torch.cat([p.slots for p in placed])
+        return placed[0].key_buffer, placed[0].value_buffer, index
+    parts = [s.gathered() for s in selections]
+    memory_k = torch.cat([k for k, _ in parts])
+    return memory_k, torch.cat([v for _, v in parts]), torch.arange(memory_k.shape[0], dtype=torch.int32,
+                                                                    device=memory_k.device)
 
 
 def attend_batch(

@@ -8,7 +8,7 @@ import torch
 
 from sglang_msa.config import MSAOptions
 from sglang_msa.kernels import pooling, reference as ref, routing_scan
-from sglang_msa.memory_manager.requests import IngestState, LayerSelection
+from sglang_msa.memory_manager.requests import IngestState, LayerSelection, SlotRows
 from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, MemoryStore, StoredDocument
 
 logger = logging.getLogger(__name__)
@@ -100,11 +100,16 @@ def route(
     chosen = [i for i in chosen if view.gids[i] in present]
     if not chosen:
         return empty_selection(like)
+    gids, scores = [view.gids[i] for i in chosen], [float(doc_scores[i]) for i in chosen]
+    if kernels == "triton":  # the attention kernel reads device-tier rows where they are
+        in_place = store.content_in_place(docs, layer_id, options.memory_content)
+        if in_place is not None and in_place[0].dtype == like.dtype:
+            key_buffer, value_buffer, slots = in_place
+            rows = SlotRows(key_buffer, value_buffer, slots.to(device=like.device, dtype=torch.int32))
+            store.pin(docs)  # released with the request's state (service._release_state)
+            return LayerSelection(gids=gids, scores=scores, memory_k=None, memory_v=None, in_place=rows, pinned=docs)
     memory_k, memory_v = store.content(docs, layer_id, options.memory_content, like.device)
-    return LayerSelection(
-        gids=[view.gids[i] for i in chosen], scores=[float(doc_scores[i]) for i in chosen],
-        memory_k=memory_k.to(like.dtype), memory_v=memory_v.to(like.dtype),
-    )
+    return LayerSelection(gids=gids, scores=scores, memory_k=memory_k.to(like.dtype), memory_v=memory_v.to(like.dtype))
 
 
 def attend(
@@ -121,10 +126,11 @@ def attend(
     num_local_new = min(q.shape[0], seq_len - template_tokens)
     if num_local_new <= 0:
         return None
+    memory_k, memory_v = selection.gathered()
     inputs = ref.AttentionInputs(
         q=q[q.shape[0] - num_local_new :],
         prefix_k=context_k[:template_tokens], prefix_v=context_v[:template_tokens],
-        memory_k=selection.memory_k, memory_v=selection.memory_v,
+        memory_k=memory_k, memory_v=memory_v,
         local_k=context_k[template_tokens:], local_v=context_v[template_tokens:],
         scale=scale,
     )

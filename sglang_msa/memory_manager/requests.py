@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Union
+from typing import Annotated, Callable, Literal, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -66,14 +66,43 @@ def parse_request_params(value) -> QueryParams | IngestParams:
     return _params_adapter.validate_python(value)
 
 
+@dataclass(frozen=True)
+class SlotRows:
+    """Selected rows read in place: a device pool's K and V buffers of one layer, and the rows'
+    slots in them (int32, on the device), in selection order."""
+
+    key_buffer: torch.Tensor  # [slots, Hkv, d]
+    value_buffer: torch.Tensor
+    slots: torch.Tensor  # [M]
+
+    def same_buffers(self, other: "SlotRows") -> bool:
+        return (self.key_buffer.data_ptr(), self.value_buffer.data_ptr()) == (
+            other.key_buffer.data_ptr(), other.value_buffer.data_ptr())
+
+
 @dataclass
 class LayerSelection:
-    """What one routed layer selected for one request, frozen for its decode steps."""
+    """What one routed layer selected for one request, frozen for its decode steps: the rows
+    gathered (`memory_k` / `memory_v`), or, for the Triton path over device-tier content, where
+    they are (`in_place`)."""
 
     gids: list[int]
     scores: list[float]
-    memory_k: torch.Tensor  # [M, Hkv, d] the selected documents' chunks (or tokens), back to back
-    memory_v: torch.Tensor
+    memory_k: torch.Tensor | None  # [M, Hkv, d] the selected documents' chunks (or tokens), back to back
+    memory_v: torch.Tensor | None
+    in_place: SlotRows | None = None
+    pinned: list = field(default_factory=list)  # store documents kept from slot reuse while this is read in place
+
+    @property
+    def num_rows(self) -> int:
+        return self.in_place.slots.shape[0] if self.in_place is not None else self.memory_k.shape[0]
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows as tensors of their own."""
+        if self.in_place is None:
+            return self.memory_k, self.memory_v
+        slots = self.in_place.slots.long()
+        return self.in_place.key_buffer[slots], self.in_place.value_buffer[slots]
 
 
 @dataclass
@@ -119,10 +148,12 @@ def ranked_union(selections: dict[int, LayerSelection]) -> list[int]:
 
 class RequestRegistry:
     """rid -> QueryState | IngestState. Entries leave when the server takes the request's report,
-    or after `ttl_s` without access (requests sent straight to /generate have no reader)."""
+    or after `ttl_s` without access (requests sent straight to /generate have no reader);
+    `on_leave` is called with each state that leaves."""
 
-    def __init__(self, ttl_s: float = 3600.0):
+    def __init__(self, ttl_s: float = 3600.0, on_leave: Callable[[QueryState | IngestState], None] | None = None):
         self.ttl_s = ttl_s
+        self.on_leave = on_leave
         self._states: dict[str, QueryState | IngestState] = {}
         self._lock = threading.Lock()
 
@@ -140,9 +171,14 @@ class RequestRegistry:
 
     def pop(self, rid: str) -> QueryState | IngestState | None:
         with self._lock:
-            return self._states.pop(rid, None)
+            state = self._states.pop(rid, None)
+        if state is not None and self.on_leave is not None:
+            self.on_leave(state)
+        return state
 
     def _expire(self) -> None:
         deadline = time.monotonic() - self.ttl_s
         for rid in [rid for rid, state in self._states.items() if state.last_access < deadline]:
-            del self._states[rid]
+            state = self._states.pop(rid)
+            if self.on_leave is not None:
+                self.on_leave(state)

@@ -92,7 +92,7 @@ class MemoryService:
                                  router_key_format=options.router_key_format)
         if facts.kv_geometry is not None:
             self.store.reserve(self.slot_layout(facts.kv_geometry))
-        self.registry = RequestRegistry()
+        self.registry = RequestRegistry(on_leave=self._release_state)
         self._control_thread: threading.Thread | None = None
         logger.info(
             "sglang-msa: routed layers %s, top_k_docs=%d, chunk_size=%d, memory_content=%s",
@@ -178,6 +178,13 @@ class MemoryService:
         )
         _bypass_prefix_cache(req)  # upper-layer KV depends on the selection: never share it
         return None
+
+    def _release_state(self, state: QueryState | IngestState) -> None:
+        """A request's state left: the documents its selections read in place may be reused."""
+        if isinstance(state, QueryState):
+            for selection in state.selections.values():
+                self.store.unpin(selection.pinned)
+                selection.pinned = []
 
     def position_offset(self, memory_id: str) -> int:
         if self.options.position_offset != "auto":

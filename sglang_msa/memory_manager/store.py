@@ -175,6 +175,8 @@ class MemoryStore:
         self.slots: MemorySlots | None = None
         self._memories: dict[str, Memory] = {}
         self._used_bytes = {"device": 0, "host": 0}
+        # documents that selections read in place: their slots are not reused until released
+        self._pins: dict[int, list] = {}  # id(DocumentSlots) -> [document, pin count, deleted]
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ control operations
@@ -269,9 +271,30 @@ class MemoryStore:
             self._used_bytes[tier] += size
 
     def _release(self, doc: DocumentSlots) -> None:
+        """Free a deleted document's slots, or, while selections read them in place, once they are done."""
+        pin = self._pins.get(id(doc))
+        if pin is not None:
+            pin[2] = True
+            return
         for tier, size in self.slots.nbytes(doc).items():
             self._used_bytes[tier] -= size
         self.slots.release(doc)
+
+    def pin(self, docs: list[DocumentSlots]) -> None:
+        """Keep `docs`' slots from reuse (a selection reads them in place) until `unpin`."""
+        with self._lock:
+            for doc in docs:
+                self._pins.setdefault(id(doc), [doc, 0, False])[1] += 1
+
+    def unpin(self, docs: list[DocumentSlots]) -> None:
+        with self._lock:
+            for doc in docs:
+                pin = self._pins[id(doc)]
+                pin[1] -= 1
+                if pin[1] == 0:
+                    del self._pins[id(doc)]
+                    if pin[2]:  # deleted meanwhile: its slots are free now
+                        self._release(doc)
 
     # ------------------------------------------------------------------ reads
     def exists(self, memory_id: str) -> bool:
@@ -318,6 +341,13 @@ class MemoryStore:
         """The K and V rows of `docs` in one layer, back to back, on `device` (`tiers.MemorySlots.read_content`)."""
         with self._lock:
             return self.slots.read_content(docs, layer_id, content, device)
+
+    def content_in_place(self, docs: list[DocumentSlots], layer_id: int,
+                         content: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Where `docs`' K and V rows are, when they can be read in place
+        (`tiers.MemorySlots.content_in_place`); the caller pins `docs` while it reads them."""
+        with self._lock:
+            return self.slots.content_in_place(docs, layer_id, content)
 
     def document_tensors(self, memory_id: str, gid: int) -> StoredDocument:
         """A stored document's tensors (copies)."""

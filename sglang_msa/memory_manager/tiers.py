@@ -262,6 +262,21 @@ class MemorySlots:
             parts_v.append(_to_device(v, device))
         return torch.cat(parts_k), torch.cat(parts_v)
 
+    def content_in_place(self, docs: list[DocumentSlots], layer: int,
+                         content: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`layer`'s K and V buffers and the slots of `docs`' rows in them, back to back, when the
+        rows can be read in place: every document on the device tier, K and V in one pool (not so
+        for pooled content routed on K̄ itself, whose K̄ is in the key pool and V̄ in a chunk pool)."""
+        if not docs or any(doc.tier != "device" for doc in docs):
+            return None
+        if content == "full":
+            pool, slots, names = self.token_pools["device"], [doc.token_slots for doc in docs], ("full_k", "full_v")
+        elif self.layout.router_is_pooled_k:
+            return None
+        else:
+            pool, slots, names = self.chunk_pools["device"], [doc.chunk_slots for doc in docs], ("pooled_k", "pooled_v")
+        return pool.layer_buffer(names[0], layer), pool.layer_buffer(names[1], layer), torch.cat(slots)
+
     def read_document(self, doc: DocumentSlots, layers: tuple[int, ...]) -> dict:
         """The document's tensors per layer, as `store.LayerTensors` fields (copies)."""
         result = {}

@@ -1,0 +1,149 @@
+"""Memory at scale on this machine, without the model: the store's ingestion and a query's memory work vs memory size.
+
+Fills a memory with synthetic pooled documents shaped like a model's routed layers (`--shape
+embedded`: SmolLM2-135M, 15 routed layers, 9 query / 3 KV heads, d = 64, training-free pooled
+mode where K̄ routes and is stored once; `--shape msa-4b`: 18 routed layers, 32 / 8 heads,
+d = 128, own router keys; bf16, P = 64) through `MemoryStore.commit_document`, once per
+placement (`device`, `host`), and measures per size: the commit rate (tokens/s, slot allocation
+and writes only: the model's prefill is what `benchmarks/serving.py` measures), bytes per token
+on each tier, and one query's memory work over all routed layers (`memory_ops.route`: score every
+chunk, top-16 documents, gather their content), median of several random queries. The kernels
+are the serving defaults for the device: the pure-PyTorch path on a CPU, Triton on a GPU.
+
+    .venv/bin/python benchmarks/memory_scale.py [--sizes 1000000,4000000,16000000] [--shape embedded|msa-4b]
+        [--placements device,host] [--out benchmarks/results/memory_scale.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sglang_msa.attention_backend import memory_ops
+from sglang_msa.config import MSAOptions
+from sglang_msa.memory_manager.store import LayerTensors, MemoryStore, StoredDocument
+from sglang_msa.memory_manager.tiers import SlotLayout
+
+CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: tuple[int, ...]
+    heads: int
+    kv_heads: int
+    dim: int
+    own_router_keys: bool
+
+    def bytes_per_token(self) -> int:
+        """Router keys + K̄ + V̄ (K̄ only once when it routes), bf16, whole chunks."""
+        tensors = 3 if self.own_router_keys else 2
+        return -(-len(self.layers) * self.kv_heads * self.dim * 2 * tensors // CHUNK)
+
+
+SHAPES = {
+    "embedded": Shape(tuple(range(15, 30)), heads=9, kv_heads=3, dim=64, own_router_keys=False),
+    "msa-4b": Shape(tuple(range(18, 36)), heads=32, kv_heads=8, dim=128, own_router_keys=True),
+}
+
+
+def documents(shape: Shape, count: int, doc_tokens: int, first_gid: int, gen: torch.Generator,
+              device) -> list[StoredDocument]:
+    chunks = -(-doc_tokens // CHUNK)
+
+    def rows():
+        return torch.randn(len(shape.layers), count, chunks, shape.kv_heads, shape.dim,
+                           generator=gen).to(torch.bfloat16).to(device)
+
+    keys, values = rows(), rows()
+    router = rows() if shape.own_router_keys else keys
+    docs = []
+    for i in range(count):
+        layers = {layer: LayerTensors(pooled_k=keys[j, i], pooled_v=values[j, i], router_k=router[j, i])
+                  for j, layer in enumerate(shape.layers)}
+        docs.append(StoredDocument(gid=first_gid + i, num_tokens=doc_tokens, num_chunks=chunks, layers=layers))
+    return docs
+
+
+def measure(shape: Shape, placement: str, sizes: list[int], doc_tokens: int, queries: int, device: str) -> list[dict]:
+    budget = max(sizes) * (shape.bytes_per_token() + 8)
+    store = MemoryStore(budget, CHUNK, host_budget_bytes=budget if placement == "host" else 0)
+    store.create("m", placement=placement)
+    options = MSAOptions(top_k_docs=16, chunk_size=CHUNK, memory_content="pooled", similarity="dot")
+    kernels = options.kernel_path(device)
+    like = torch.empty(0, shape.kv_heads, shape.dim, dtype=torch.bfloat16, device=device)
+    gen = torch.Generator().manual_seed(0)
+    rows, stored = [], 0
+    for size in sizes:
+        commit_s, added = 0.0, 0
+        while stored < size:
+            batch = documents(shape, min(1024, -(-(size - stored) // doc_tokens)), doc_tokens, stored // doc_tokens,
+                              gen, device)
+            store.reserve(SlotLayout.of_document(batch[0], CHUNK))  # the server does this at start-up
+            started = time.perf_counter()
+            for doc in batch:
+                store.commit_document("m", doc)
+            commit_s += time.perf_counter() - started
+            added += sum(doc.num_tokens for doc in batch)
+            stored += sum(doc.num_tokens for doc in batch)
+        times = []
+        for _ in range(queries):
+            router_q = torch.randn(32, shape.heads, shape.dim, generator=gen).to(torch.bfloat16).to(device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for layer in shape.layers:
+                selection = memory_ops.route(store, "m", layer, router_q, options, like, kernels)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        stats = store.stats("m")
+        row = {"placement": placement, "memory_tokens": stats["tokens"], "documents": stats["documents"],
+               "device_bytes_per_token": stats["device_bytes"] / stats["tokens"],
+               "host_bytes_per_token": stats["host_bytes"] / stats["tokens"],
+               "commit_tok_s": added / commit_s, "query_memory_ms": 1000 * statistics.median(times),
+               "selected_rows_per_layer": selection.num_rows, "kernels": kernels}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000000,4000000,16000000")
+    parser.add_argument("--placements", default="device,host")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="embedded")
+    parser.add_argument("--doc-tokens", type=int, default=256)
+    parser.add_argument("--queries", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="benchmarks/results/memory_scale.json")
+    args = parser.parse_args()
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    rows = []
+    for placement in args.placements.split(","):
+        rows += measure(SHAPES[args.shape], placement, sizes, args.doc_tokens, args.queries, args.device)
+    print(f"\n{'memory tokens':>13} {'placement':>9} {'dev B/tok':>9} {'host B/tok':>10} {'commit tok/s':>12} "
+          f"{'query memory ms (all layers)':>28} {'vs device':>9}")
+    device_ms = {r["memory_tokens"]: r["query_memory_ms"] for r in rows if r["placement"] == "device"}
+    for r in rows:
+        ratio = r["query_memory_ms"] / device_ms[r["memory_tokens"]] if r["memory_tokens"] in device_ms else float("nan")
+        print(f"{r['memory_tokens']:>13,} {r['placement']:>9} {r['device_bytes_per_token']:>9.1f} "
+              f"{r['host_bytes_per_token']:>10.1f} {r['commit_tok_s']:>12,.0f} {r['query_memory_ms']:>28.1f} "
+              f"{ratio:>8.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "processor": platform.processor(),
+                               "device": args.device, "shape": args.shape, "torch_threads": torch.get_num_threads(),
+                               "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
