@@ -63,11 +63,14 @@ def documents(shape: Shape, count: int, doc_tokens: int, first_gid: int, gen: to
                            generator=gen).to(torch.bfloat16).to(device)
 
     keys, values = rows(), rows()
-    router = rows() if shape.own_router_keys else keys
+    router = rows() if shape.own_router_keys else None
     docs = []
     for i in range(count):
-        layers = {layer: LayerTensors(pooled_k=keys[j, i], pooled_v=values[j, i], router_k=router[j, i])
-                  for j, layer in enumerate(shape.layers)}
+        layers = {}
+        for j, layer in enumerate(shape.layers):
+            pooled_k = keys[j, i]  # training-free: the same tensor routes (stored once)
+            layers[layer] = LayerTensors(pooled_k=pooled_k, pooled_v=values[j, i],
+                                         router_k=router[j, i] if shape.own_router_keys else pooled_k)
         docs.append(StoredDocument(gid=first_gid + i, num_tokens=doc_tokens, num_chunks=chunks, layers=layers))
     return docs
 

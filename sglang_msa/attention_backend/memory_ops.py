@@ -7,7 +7,7 @@ import logging
 import torch
 
 from sglang_msa.config import MSAOptions
-from sglang_msa.kernels import pooling, reference as ref, routing_scan
+from sglang_msa.kernels import pooling, reference as ref, routing_scan, routing_torch
 from sglang_msa.memory_manager.requests import IngestState, LayerSelection, SlotRows
 from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, MemoryStore, StoredDocument
 
@@ -88,7 +88,7 @@ def route(
         doc_scores = routing_scan.scan_layer(plan, [router_q], view.key_table()).cpu()  # all of them: the report
         chosen = routing_scan.top_k_per_request([doc_scores], options.top_k_docs)[0].tolist()
     else:
-        per_chunk = ref.chunk_scores(router_q, view.float_keys(), *reductions[:3])
+        per_chunk = routing_torch.chunk_scores(router_q, view.layout.num_chunks, view.read_keys, *reductions[:3])
         doc_scores = ref.document_scores(per_chunk, view.layout, options.chunk_reduce)
         chosen = ref.select_top_k(doc_scores, options.top_k_docs).tolist()
     try:

@@ -102,6 +102,11 @@ class RoutingView:
         keys, scales = self.keys_and_scales()
         return keys if scales is None else keys.float() * scales.unsqueeze(-1)
 
+    def read_keys(self, start: int, end: int) -> torch.Tensor:
+        """`float_keys()[start:end]`, read through the slots of those chunks only."""
+        keys, scales = self._slots.read_keys(self._layer, self.key_slots[start:end])
+        return keys if scales is None else keys.float() * scales.unsqueeze(-1)
+
     def key_table(self) -> RouterKeyTable:
         """The view as the Triton routing scan reads it: the layer's whole key buffer, read
         through this memory's slots (no copy of the keys)."""
