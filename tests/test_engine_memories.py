@@ -20,7 +20,7 @@ def test_engine_memories_round_trip(tiny_llama):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["create"] == {"memory_id": "notes", "created": True}
+    assert out["create"] == {"memory_id": "notes", "created": True, "placement": "auto"}
     assert [d["doc_id"] for d in out["add"]["documents"]] == ["0", "budget"]
     assert out["info"]["documents"] == 2 and out["info"]["tokens"] == sum(
         d["num_tokens"] for d in out["add"]["documents"])
