@@ -180,6 +180,16 @@ def configure_msa_resolution(result, server_args, *args, **kwargs):
     }
     if not uses_msa:
         return result
+    ranks = {flag: getattr(view, name, 1) or 1 for flag, name in (("--tp", "tp_size"), ("--dp", "dp_size"),
+                                                                  ("--pp", "pp_size"))}
+    if any(size > 1 for size in ranks.values()):
+        # every scheduler rank would hold its own memories and answer on one control channel;
+        # Memory Parallel (one memory sharded over the TP group) is not wired into the scheduler yet
+        raise ValueError(
+            "sglang-msa: --attention-backend msa serves memories from one scheduler rank; "
+            + ", ".join(f"{flag} {size}" for flag, size in ranks.items() if size > 1)
+            + " is not supported yet (run one server per GPU)"
+        )
     source = "sglang_msa.plugin.configure_msa_resolution"
     logger.warning(
         "sglang-msa: CUDA graphs are disabled for --attention-backend msa "

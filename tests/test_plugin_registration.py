@@ -93,3 +93,18 @@ def test_msa_decodes_between_prefills_unless_told_otherwise(tiny_llama):
                                 timeout=180)
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.strip().splitlines()[-1] == expected, (args, result.stdout[-500:])
+
+
+def test_msa_refuses_several_ranks_with_a_clear_message(tiny_llama):
+    """Memories live in one scheduler rank: --tp 2 (or --dp 2) is refused at start-up, naming the
+    flag, instead of failing later in a scheduler."""
+    code = (
+        "import sys; from sglang.srt.plugins import load_plugins; load_plugins();"
+        "from sglang.srt.server_args import prepare_server_args;"
+        "sa = prepare_server_args(['--model-path', sys.argv[1], '--attention-backend', 'msa', '--device', 'cpu']"
+        " + sys.argv[2:]); sa.resolve_once()"
+    )
+    for flag in ("--tp", "--dp"):
+        result = subprocess.run([sys.executable, "-c", code, str(tiny_llama), flag, "2"], capture_output=True,
+                                text=True, timeout=180)
+        assert result.returncode != 0 and f"{flag} 2 is not supported" in result.stderr, result.stderr[-1500:]
