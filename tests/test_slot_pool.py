@@ -80,6 +80,9 @@ def test_churn_never_fragments_and_every_document_reads_back_exactly(full, route
             assert store.remove_document("m", gone)
             del live[gone]
     assert refused > 0  # the churn did fill the pool
+    for placed in store.documents("m", sorted(live)):  # slots of their own, not views of a free list
+        for slots in (placed.key_slots, placed.chunk_slots, placed.token_slots):
+            assert slots is None or slots.untyped_storage().nbytes() == slots.numel() * slots.element_size()
     for gid, doc in live.items():
         assert_same(doc, store.document_tensors("m", gid))
     stats = store.stats("m")

@@ -80,7 +80,10 @@ class SlotPool:
         if count == 0:
             return torch.empty(0, dtype=torch.int64)
         self.allocator.merge_and_sort_free()  # lowest slots first (a no-op when nothing was freed)
-        return self.allocator.alloc(count)
+        slots = self.allocator.alloc(count)
+        # a view of the allocator's whole free list: a copy, or every document would keep a
+        # free list of the pool's size alive
+        return None if slots is None else slots.clone()
 
     def free(self, slots: torch.Tensor) -> None:
         self.allocator.free(slots)
