@@ -152,3 +152,24 @@ def test_metadata_survives_reopening(tmp_path):
     assert reopened.get_document("a", "d2").text == "text 2"
     reopened.forget_documents("a", [0, 2])
     assert MetadataStore(path).contents() == {"a": set()}
+
+
+def test_placements_persist_and_a_directory_larger_than_the_budget_is_refused(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    store = MemoryStore(1 << 24, 4, DocumentArchive(tmp_path, FINGERPRINT), host_budget_bytes=1 << 22)
+    store.create("near", placement="device")
+    store.create("far", "tenant-2", placement="host")
+    for gid in range(6):
+        store.commit_document("near", random_document(gid, 16, torch.float32, True, False, gen))
+        store.commit_document("far", random_document(gid, 16, torch.float32, True, False, gen))
+    loaded = DocumentArchive(tmp_path, FINGERPRINT).load()
+    assert (loaded["near"].placement, loaded["far"].placement, loaded["far"].owner) == ("device", "host", "tenant-2")
+    restored = MemoryStore(1 << 24, 4, DocumentArchive(tmp_path, FINGERPRINT), host_budget_bytes=1 << 22)
+    restored.restore(loaded)
+    assert restored.stats("far")["host_bytes"] == store.stats("far")["host_bytes"] > 0
+    assert restored.stats("near") == store.stats("near")
+    # a server restarted with budgets too small for what the directory holds stops with the numbers
+    small = MemoryStore(1 << 24, 4, DocumentArchive(tmp_path, FINGERPRINT))  # no host tier
+    with pytest.raises(MemoryOperationError, match="holds more than this server's budgets") as refused:
+        small.restore(loaded)
+    assert refused.value.status == 507

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from sglang_msa.config import MSAOptions
-from sglang_msa.kernels import reference as ref
+from sglang_msa.kernels import reference as ref, routing_torch
 from sglang_msa.memory_manager.store import MemoryStore, RoutingView
 
 
@@ -76,8 +76,8 @@ def route_sharded(router_q: torch.Tensor, shard: RoutingView, rows_per_doc: dict
     for requester, q in enumerate(queries):
         if not shard.gids or q.shape[0] == 0:
             continue
-        per_chunk = ref.chunk_scores(q, shard.float_keys().float(), similarity, options.head_reduce,
-                                     options.query_reduce)
+        per_chunk = routing_torch.chunk_scores(q, shard.layout.num_chunks, shard.read_keys, similarity,
+                                               options.head_reduce, options.query_reduce)
         doc_scores = ref.document_scores(per_chunk, shard.layout, options.chunk_reduce)
         for slot, index in enumerate(ref.select_top_k(doc_scores, k).tolist()):
             gid = shard.gids[index]

@@ -72,9 +72,6 @@ class SlotPool:
     def available(self) -> int:
         return self.allocator.available_size()
 
-    def used(self) -> int:
-        return self.capacity - self.available()
-
     def alloc(self, count: int) -> torch.Tensor | None:
         """`count` free slots (int64, on the host), or None when fewer are free."""
         if count == 0:

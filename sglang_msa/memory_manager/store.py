@@ -97,13 +97,9 @@ class RoutingView:
     def router_keys(self) -> torch.Tensor:
         return self.keys_and_scales()[0]
 
-    def float_keys(self) -> torch.Tensor:
-        """The router keys as the reference path scores them: float8 keys times their scales."""
-        keys, scales = self.keys_and_scales()
-        return keys if scales is None else keys.float() * scales.unsqueeze(-1)
-
     def read_keys(self, start: int, end: int) -> torch.Tensor:
-        """`float_keys()[start:end]`, read through the slots of those chunks only."""
+        """The router keys of chunks start..end-1 as the CPU path scores them (float8 keys times
+        their scales), read through the slots of those chunks only."""
         keys, scales = self._slots.read_keys(self._layer, self.key_slots[start:end])
         return keys if scales is None else keys.float() * scales.unsqueeze(-1)
 
