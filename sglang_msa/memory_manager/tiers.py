@@ -28,13 +28,13 @@ from typing import Literal
 
 import torch
 
+from sglang_msa.kernels.routing_scan import FP8_DTYPES, quantize_fp8
 from sglang_msa.memory_manager.slot_pool import FieldSpec, SlotPool
 
 logger = logging.getLogger(__name__)
 
 Tier = Literal["device", "host"]
 Placement = Literal["auto", "device", "host"]
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class SlotsExhausted(Exception):
@@ -153,12 +153,11 @@ class MemorySlots:
             for tier in ("device", "host")
         } if layout.full else {}
         logger.warning(
-            "sglang-msa: memory slots for %d routed layers: %d chunks (%d tokens) with content on the device "
-            "(%.0f MiB with their router keys), %d chunks (%d tokens) with content in host memory (%.0f MiB, router "
-            "keys on the device: %.0f MiB)",
-            len(layout.layers), chunks["device"], chunks["device"] * layout.chunk_size,
-            self.tier_nbytes("device") / 2**20, chunks["host"], chunks["host"] * layout.chunk_size,
-            self.tier_nbytes("host") / 2**20, chunks["host"] * layout.key_bytes_per_chunk() / 2**20,
+            "sglang-msa: memory slots for %d routed layers: device %.0f MiB (router keys of %d chunks, content of "
+            "%d chunks = %d tokens), host %.0f MiB (content of %d chunks = %d tokens)",
+            len(layout.layers), self.tier_nbytes("device") / 2**20, chunks["device"] + chunks["host"],
+            chunks["device"], chunks["device"] * layout.chunk_size, self.tier_nbytes("host") / 2**20,
+            chunks["host"], chunks["host"] * layout.chunk_size,
         )
 
     def tier_nbytes(self, tier: Tier) -> int:
@@ -218,8 +217,6 @@ class MemorySlots:
             keys = parts.pooled_k if layout.router_is_pooled_k else parts.router_k
             keys_scale = None if keys is parts.pooled_k else parts.router_k_scale
             if layout.quantized and keys_scale is None:
-                from sglang_msa.kernels.routing_scan import quantize_fp8
-
                 keys, keys_scale = quantize_fp8(keys, layout.router_dtype)
             elif not layout.quantized and keys_scale is not None:  # stored as float8 under another setting
                 keys = keys.float() * keys_scale.unsqueeze(-1)
