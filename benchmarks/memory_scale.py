@@ -42,11 +42,6 @@ class Shape:
     dim: int
     own_router_keys: bool
 
-    def bytes_per_token(self) -> int:
-        """Router keys + K̄ + V̄ (K̄ only once when it routes), bf16, whole chunks."""
-        tensors = 3 if self.own_router_keys else 2
-        return -(-len(self.layers) * self.kv_heads * self.dim * 2 * tensors // CHUNK)
-
 
 SHAPES = {
     "embedded": Shape(tuple(range(15, 30)), heads=9, kv_heads=3, dim=64, own_router_keys=False),
@@ -76,20 +71,27 @@ def documents(shape: Shape, count: int, doc_tokens: int, first_gid: int, gen: to
 
 
 def measure(shape: Shape, placement: str, sizes: list[int], doc_tokens: int, queries: int, device: str) -> list[dict]:
-    budget = max(sizes) * (shape.bytes_per_token() + 8)
-    store = MemoryStore(budget, CHUNK, host_budget_bytes=budget if placement == "host" else 0)
+    gen = torch.Generator().manual_seed(0)
+    # the slots the server would reserve at start-up, sized by the store's own accounting for
+    # exactly the largest memory in this placement
+    layout = SlotLayout.of_document(documents(shape, 1, doc_tokens, 0, gen, device)[0], CHUNK)
+    chunks = -(-max(sizes) // doc_tokens) * -(-doc_tokens // CHUNK)
+    key, content = layout.key_bytes_per_chunk(), layout.content_bytes_per_chunk()
+    if placement == "host":
+        store = MemoryStore(chunks * key, CHUNK, host_budget_bytes=chunks * content)
+    else:
+        store = MemoryStore(chunks * (key + content), CHUNK)
+    store.reserve(layout)
     store.create("m", placement=placement)
     options = MSAOptions(top_k_docs=16, chunk_size=CHUNK, memory_content="pooled", similarity="dot")
     kernels = options.kernel_path(device)
     like = torch.empty(0, shape.kv_heads, shape.dim, dtype=torch.bfloat16, device=device)
-    gen = torch.Generator().manual_seed(0)
     rows, stored = [], 0
     for size in sizes:
         commit_s, added = 0.0, 0
         while stored < size:
             batch = documents(shape, min(1024, -(-(size - stored) // doc_tokens)), doc_tokens, stored // doc_tokens,
                               gen, device)
-            store.reserve(SlotLayout.of_document(batch[0], CHUNK))  # the server does this at start-up
             started = time.perf_counter()
             for doc in batch:
                 store.commit_document("m", doc)

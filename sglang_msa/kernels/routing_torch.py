@@ -10,7 +10,7 @@ product over Hkv·d), so a tile of chunks costs one [T, Hkv·d] × [Hkv·d, tile
 read per tile, gathered through the memory's key slots and dequantized there when float8, so
 nothing of the memory's size is materialised but the [C] result.
 
-Equal to the reference up to float32 summation order (`tests/test_reference_math.py`).
+Equal to the reference up to float32 summation order (`tests/test_routing_torch.py`).
 """
 
 from __future__ import annotations

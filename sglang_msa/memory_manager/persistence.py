@@ -33,7 +33,7 @@ from sglang_msa.memory_manager.store import (
 logger = logging.getLogger(__name__)
 
 FORMAT = "sglang-msa-document-1"
-MEMORY_FILE = "memory.json"  # in each memory's directory: {"owner": tenant or null}
+MEMORY_FILE = "memory.json"  # in each memory's directory: {"owner": tenant or null, "placement": ...}
 
 
 class ArchiveMismatchError(RuntimeError):

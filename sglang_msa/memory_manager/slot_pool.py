@@ -9,9 +9,10 @@ pool stays packed at its low end and host memory is touched only up to the peak 
 a document allocates its slots, deleting it frees them: no compaction, and any free slot serves
 any document, so a pool never refuses a document while it has as many free slots as it needs.
 
-Buffers are allocated once, at their full capacity, when the store first needs them (the first
-document gives their shapes); `torch.empty`, so host memory is committed by the pages written,
-and the device budget is the one the plugin takes out of SGLang's `mem_fraction_static`.
+Buffers are allocated once, at their full capacity: when the backend starts (from the KV pool's
+shapes), or with a store's first document when nothing reserved them; `torch.empty`, so host
+memory is committed by the pages written, and the device budget is the one the plugin takes out
+of SGLang's `mem_fraction_static`.
 """
 
 from __future__ import annotations

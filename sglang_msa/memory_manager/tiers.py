@@ -7,7 +7,7 @@ is present) and be copied to the device for the selected documents only. Each me
 placement: `device`, `host`, or `auto` (the device while its content pool has room, then the
 host). A document that fits nowhere is refused with 507 and a message naming the budget.
 
-Pools and their capacities (`TierBudget`): the device budget (`memory_budget_mb`) holds the key
+Pools and their capacities (`TierCapacity`): the device budget (`memory_budget_mb`) holds the key
 pool and the device content pools; the host budget (`host_memory_budget_mb`) holds the host
 content pools. The key pool has a slot for every chunk of either tier, so
   host chunks   C_h = host budget / (content bytes per chunk)
@@ -224,13 +224,12 @@ class MemorySlots:
         self.keys.write("router_k", doc.key_slots, router_k)
         if layout.quantized:
             self.keys.write("router_k_scale", doc.key_slots, scales)
-        chunk_pool = self.chunk_pools[doc.tier]
-        for name in chunk_pool.fields:
-            chunk_pool.write(name, doc.chunk_slots, {layer: getattr(parts, name) for layer, parts in layers.items()})
+        content = [(self.chunk_pools[doc.tier], doc.chunk_slots)]
         if doc.token_slots is not None:
-            for name in ("full_k", "full_v"):
-                self.token_pools[doc.tier].write(
-                    name, doc.token_slots, {layer: getattr(parts, name) for layer, parts in layers.items()})
+            content.append((self.token_pools[doc.tier], doc.token_slots))
+        for pool, slots in content:  # every field the pool holds, from the LayerTensors field of that name
+            for name in pool.fields:
+                pool.write(name, slots, {layer: getattr(parts, name) for layer, parts in layers.items()})
 
     def read_keys(self, layer: int, key_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Router keys (and float8 scales) at `key_slots` in `layer`."""
