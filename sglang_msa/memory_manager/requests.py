@@ -169,10 +169,6 @@ class RequestRegistry:
                 state.last_access = time.monotonic()
             return state
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._states)
-
     def pop(self, rid: str) -> QueryState | IngestState | None:
         with self._lock:
             state = self._states.pop(rid, None)

@@ -235,7 +235,7 @@ class MemoryService:
         if isinstance(message, protocol.ListContents):
             return {"memories": store.contents()}
         if isinstance(message, protocol.StoreStats):
-            return {"memories": store.all_stats(), **store.capacity(), "requests": len(self.registry)}
+            return {"memories": store.all_stats(), **store.capacity()}
         raise ValueError(f"unhandled message {message!r}")
 
     def take_report(self, rid: str) -> dict:

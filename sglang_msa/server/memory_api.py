@@ -133,15 +133,6 @@ class MemoryAPI:
         except MemoryOperationError as exc:
             raise APIError(exc.status, str(exc)) from exc
 
-    async def release(self, rid: str) -> None:
-        """Forget a request's MSA state in the scheduler without reading it (a client that went
-        away); nothing to do when it has none."""
-        try:
-            await self.control_request(protocol.TakeReport(rid=rid))
-        except APIError as exc:
-            if exc.status != 404:
-                logger.warning("sglang-msa: releasing request %s: %s", rid, exc.message)
-
     def require_memory(self, memory_id: str) -> None:
         """The memory exists (404) and, with API keys, belongs to the caller's tenant (403)."""
         exists, owner = self.metadata.memory_owner(memory_id)
@@ -207,8 +198,7 @@ class MemoryAPI:
         totals = {key: sum(stats[key] for stats in per_memory.values())
                   for key in ("documents", "tokens", "chunks", "bytes", "device_bytes", "host_bytes")}
         capacity = {key: reply[key] for key in ("budget_bytes", "host_budget_bytes", "chunk_slots") if key in reply}
-        server = {} if self.keys_enabled else {"requests_in_flight": reply["requests"]}  # server-wide: no tenant's
-        return {"memories": len(per_memory), **totals, **capacity, **server}
+        return {"memories": len(per_memory), **totals, **capacity}
 
     async def memory_info(self, memory_id: str) -> dict:
         self.require_memory(memory_id)

@@ -138,9 +138,6 @@ async def delete_document(memory_id: str = MemoryIdPath, doc_id: str = DocIdPath
     return await api.delete_document(memory_id, doc_id)
 
 
-_releases: set[asyncio.Task] = set()
-
-
 @router.post("/{memory_id}/chat/completions")
 async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = MemoryIdPath, api: MemoryAPI = ApiDependency):
     """OpenAI-compatible chat over a memory (`base_url=<server>/v1/memories/<memory_id>`)."""
@@ -159,28 +156,20 @@ async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = Mem
         return f"data: {json.dumps(payload)}\n\n".encode()
 
     async def events():
-        reported = False
+        yield event({"role": "assistant", "content": ""})
+        text, finish = "", None
         try:
-            yield event({"role": "assistant", "content": ""})
-            text, finish = "", None
-            try:
-                async for out in outputs:
-                    if len(out["text"]) > len(text):
-                        yield event({"content": out["text"][len(text):]})
-                        text = out["text"]
-                    finish = finish_reason(out["meta_info"]) or finish
-            except ValueError as exc:
-                yield f"data: {json.dumps(APIError(400, str(exc)).body())}\n\n".encode()
-            else:
-                retrieved = await api.retrieved(memory_id, rid, body.msa.routing_details)
-                reported = True
-                yield event({}, finish or "stop", msa={**retrieved, **with_answer(injection, text)})
-            yield b"data: [DONE]\n\n"
-        finally:
-            if not reported:  # the client went away (or the request failed): free its MSA state now
-                task = asyncio.get_running_loop().create_task(api.release(rid))
-                _releases.add(task)  # the loop keeps only weak references to tasks
-                task.add_done_callback(_releases.discard)
+            async for out in outputs:
+                if len(out["text"]) > len(text):
+                    yield event({"content": out["text"][len(text):]})
+                    text = out["text"]
+                finish = finish_reason(out["meta_info"]) or finish
+        except ValueError as exc:
+            yield f"data: {json.dumps(APIError(400, str(exc)).body())}\n\n".encode()
+        else:
+            retrieved = await api.retrieved(memory_id, rid, body.msa.routing_details)
+            yield event({}, finish or "stop", msa={**retrieved, **with_answer(injection, text)})
+        yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
