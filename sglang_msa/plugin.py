@@ -21,6 +21,9 @@ _ADMISSION_TARGET = "sglang.srt.managers.scheduler.Scheduler._add_request_to_que
 _CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
 _FROM_CLI_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
 _HTTP_LAUNCH_TARGET = "sglang.srt.entrypoints.http_server.launch_server"
+_LOCAL_REQUESTS_TARGET = "sglang.srt.managers.scheduler.Scheduler._poll_timeout_aborts"
+_PROCESS_INPUT_TARGET = "sglang.srt.managers.scheduler.Scheduler.process_input_requests"
+_GROUP_TARGET = "sglang.srt.distributed.parallel_state.init_model_parallel_group"
 
 
 def register() -> None:
@@ -79,6 +82,9 @@ def _register_hooks() -> None:
     HookRegistry.register(_ADMISSION_TARGET, admit_msa_request, HookType.AROUND)
     HookRegistry.register(_CLI_ARGS_TARGET, add_msa_cli_args, HookType.AFTER)
     HookRegistry.register(_FROM_CLI_TARGET, take_msa_cli_args, HookType.BEFORE)
+    HookRegistry.register(_GROUP_TARGET, cpu_groups_without_pynccl, HookType.BEFORE)
+    HookRegistry.register(_LOCAL_REQUESTS_TARGET, add_msa_control_batch, HookType.AFTER)
+    HookRegistry.register(_PROCESS_INPUT_TARGET, apply_msa_control_batches, HookType.BEFORE)
     if multiprocessing.parent_process() is None:  # the launcher: the only process serving HTTP
         HookRegistry.register(_HTTP_LAUNCH_TARGET, install_memory_routes, HookType.BEFORE)
     _hooks_registered = True
@@ -119,6 +125,21 @@ def take_msa_cli_args(*args, **kwargs):
     return None
 
 
+def cpu_groups_without_pynccl(*args, **kwargs):
+    """On SGLang's CPU engine, build its process groups without PyNccl.
+
+    SGLang 0.5.23 builds a `PyNcclCommunicator` for every group unless the platform opts out,
+    and its CPU engine does not, so `--tp 2` on a CPU fails at start-up; gloo alone serves
+    every collective there. GPU serving is left exactly as it is.
+    """
+    import torch
+
+    cpu_engine = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1" or not torch.cuda.is_available()
+    if not cpu_engine or kwargs.get("use_pynccl") is not None or len(args) > 3:
+        return None
+    return args, {**kwargs, "use_pynccl": False}
+
+
 def install_memory_routes(*args, **kwargs):
     from sglang.srt.entrypoints.http_server import app
 
@@ -142,6 +163,31 @@ def admit_msa_request(original, scheduler, req, *args, **kwargs):
         if error is not None:
             req.set_finish_with_abort(f"sglang-msa: {error}")
     return original(scheduler, req, *args, **kwargs)
+
+
+def add_msa_control_batch(result, scheduler, *args, **kwargs):
+    """Rank 0 under tensor parallelism: the memory control messages received since the last
+    step ride this step's broadcast of incoming requests to every rank (`service.ControlBatch`)."""
+    from sglang_msa.memory_manager.service import get_service
+
+    service = get_service()
+    if service is None or service.shard is None:
+        return result
+    batch = service.take_pending()
+    return result if batch is None else [*(result or []), batch]
+
+
+def apply_msa_control_batches(scheduler, recv_reqs, *args, **kwargs):
+    """Every rank, before this step's requests: apply the broadcast control batches in order."""
+    from sglang_msa.memory_manager.service import ControlBatch, get_service
+
+    batches = [req for req in recv_reqs if isinstance(req, ControlBatch)]
+    if not batches:
+        return None
+    service = get_service()
+    for batch in batches:
+        service.apply_control_batch(batch)
+    return (scheduler, [req for req in recv_reqs if not isinstance(req, ControlBatch)], *args), kwargs
 
 
 def reserved_mem_fraction(mem_fraction_static: float, budget_bytes: int, device_bytes: int) -> float:
@@ -180,16 +226,20 @@ def configure_msa_resolution(result, server_args, *args, **kwargs):
     }
     if not uses_msa:
         return result
-    ranks = {flag: getattr(view, name, 1) or 1 for flag, name in (("--tp", "tp_size"), ("--dp", "dp_size"),
-                                                                  ("--pp", "pp_size"))}
+    ranks = {flag: getattr(view, name, 1) or 1 for flag, name in (("--dp", "dp_size"), ("--pp-size", "pp_size"))}
     if any(size > 1 for size in ranks.values()):
-        # every scheduler rank would hold its own memories and answer on one control channel;
-        # Memory Parallel (one memory sharded over the TP group) is not wired into the scheduler yet
+        # each data-parallel / pipeline group would hold its own memories behind one control
+        # channel; Memory Parallel shards a memory over the tensor-parallel group (--tp) instead
         raise ValueError(
-            "sglang-msa: --attention-backend msa serves memories from one scheduler rank; "
+            "sglang-msa: --attention-backend msa shards memories over the tensor-parallel group (--tp); "
             + ", ".join(f"{flag} {size}" for flag, size in ranks.items() if size > 1)
-            + " is not supported yet (run one server per GPU)"
+            + " is not supported (use --tp, or one server per data-parallel replica)"
         )
+    from sglang_msa.config import load_options
+
+    if (getattr(view, "tp_size", 1) or 1) > 1 and load_options().memory_dir is not None:
+        raise ValueError("sglang-msa: --msa-memory-dir (memory_dir) is not supported with --tp > 1 yet: "
+                         "each rank would persist its own shard")
     source = "sglang_msa.plugin.configure_msa_resolution"
     logger.warning(
         "sglang-msa: CUDA graphs are disabled for --attention-backend msa "

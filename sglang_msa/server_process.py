@@ -20,10 +20,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def default_device() -> str:
+def default_device(ranks: int = 1) -> str:
+    """A GPU when there are enough for `ranks` tensor-parallel ranks, else SGLang's CPU engine."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if torch.cuda.device_count() >= ranks else "cpu"
 
 
 @dataclass

@@ -158,6 +158,7 @@ def test_ingest_route_attend_match_reference(parts, memory_content, similarity, 
     assert stats == {
         "documents": 5, "tokens": sum(DOC_LENS), "chunks": sum((n + 3) // 4 for n in DOC_LENS),
         "bytes": stats["bytes"], "device_bytes": stats["bytes"], "host_bytes": 0, "placement": "auto",
+        "routed_documents": 5,  # one rank: it routes every document
     }
 
     # query: template of 2 tokens, routing spans = tokens 2, 3, 5, 6 of a 7-token prompt (two disjoint

@@ -1,100 +1,150 @@
-"""Memory Parallel over gloo: two CPU processes each hold half of a memory (sharded by document,
-fewest chunks first), route their own requests with the exact global top-k, and fetch the
-selected content from its owner. Per rank, the result equals routing the whole memory in one
-process (the single-device path): same documents, same scores, same K/V rows."""
+"""Memory Parallel over gloo, the code path `--tp N` serves with: two CPU processes, each with
+its KV heads of every document's content and the router keys of the documents it routes (the
+rank with the fewest router-key chunks so far). Per rank, the selection equals routing the whole
+memory in one process (the single-device path): same documents, same scores, and the content
+rows are that rank's heads of the single-device rows. A document one rank cannot hold is refused
+on both; a rank whose shard is empty still takes part."""
 
 from __future__ import annotations
 
 import torch
 import torch.multiprocessing as mp
 
+from sglang_msa.attention_backend import memory_ops
 from sglang_msa.config import MSAOptions
-from sglang_msa.memory_manager.parallel import assign_shards, fetch_selected, route_sharded
-from sglang_msa.memory_manager.store import LayerTensors, MemoryStore, StoredDocument
+from sglang_msa.memory_manager.sharding import MemoryShard
+from sglang_msa.memory_manager.store import MemoryOperationError, MemoryStore, StoredDocument
 from sglang_msa.server_process import free_port
 
-H, HKV, D, CHUNK, LAYER = 4, 2, 8, 4, 0
+H, HKV, D, CHUNK, LAYERS = 4, 2, 8, 4, (0, 3)
 LENGTHS = [9, 4, 13, 7, 5, 1, 16, 3, 11, 6, 8, 2]  # 12 documents, partial chunks
+BIG = 1 << 30
 
 
-def memory_documents(seed: int, full: bool) -> list[StoredDocument]:
+def token_tensors(seed: int, n_docs: int) -> list[dict[int, tuple[torch.Tensor, ...]]]:
+    """Per document and routed layer: token K, V and router keys [n, HKV, D] (all heads)."""
     gen = torch.Generator().manual_seed(seed)
-    docs = []
-    for gid, n in enumerate(LENGTHS):
-        k, v = torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)
-        pooled_k = torch.stack([k[i:i + CHUNK].mean(0) for i in range(0, n, CHUNK)])
-        pooled_v = torch.stack([v[i:i + CHUNK].mean(0) for i in range(0, n, CHUNK)])
-        router_k = torch.randn(pooled_k.shape, generator=gen)
-        layers = {LAYER: LayerTensors(pooled_k, pooled_v, router_k, k if full else None, v if full else None)}
-        docs.append(StoredDocument(gid=gid * 10, num_tokens=n, num_chunks=pooled_k.shape[0], layers=layers))
-    return docs
+    return [{layer: tuple(torch.randn(n, HKV, D, generator=gen) for _ in range(3)) for layer in LAYERS}
+            for n in LENGTHS[:n_docs]]
 
 
-def store_of(docs: list[StoredDocument]) -> MemoryStore:
-    store = MemoryStore(1 << 30, CHUNK)
-    store.create("m")
-    for doc in docs:
-        store.commit_document("m", doc)
-    return store
+def heads_of(rank: int, world: int, rows: torch.Tensor) -> torch.Tensor:
+    per_rank = rows.shape[1] // world
+    return rows[:, rank * per_rank : (rank + 1) * per_rank]
 
 
-def rows_of(doc: StoredDocument, content: str) -> int:
-    return doc.num_tokens if content == "full" else doc.num_chunks
+def commit_all(store: MemoryStore, docs, case: dict, rank: int, world: int, shard) -> list[str]:
+    """Pool and commit every document from this rank's heads; the refusals' messages. Training-free
+    cases route on the pooled keys, the others on (pooled) router keys."""
+    options = MSAOptions(**case["options"])
+    refusals = []
+    for gid, layers in enumerate(docs):
+        pooled = {layer: memory_ops.pool_document(
+            heads_of(rank, world, k), heads_of(rank, world, v), CHUNK, keep_full=options.memory_content == "full",
+            router_keys=None if case.get("training_free") else heads_of(rank, world, r),
+            router_key_format=options.router_key_format, shard=shard,
+        ) for layer, (k, v, r) in layers.items()}
+        n = next(iter(layers.values()))[0].shape[0]
+        doc = StoredDocument(gid=gid * 10, num_tokens=n, num_chunks=-(-n // CHUNK), layers=pooled)
+        try:
+            store.commit_document("m", doc)
+        except MemoryOperationError as exc:
+            refusals.append(str(exc))
+    return refusals
 
 
-def rank_queries(rank: int, size: int) -> torch.Tensor:
-    return torch.randn(3 + rank, H, D, generator=torch.Generator().manual_seed(100 + rank))
+def queries(seed: int) -> torch.Tensor:
+    return torch.randn(5, H, D, generator=torch.Generator().manual_seed(seed))
 
 
-def worker(rank: int, world: int, port: int, content: str, top_k: int, results: dict):
+def route_all(store, options, rank, world, shard) -> dict:
+    like = torch.empty(0, HKV // world, D)
+    route = memory_ops.route if shard is None else lambda *a: memory_ops.route_sharded(*a, shard=shard)
+    out = {}
+    for layer in LAYERS:
+        selection = route(store, "m", layer, heads_of(rank, world, queries(100 + layer)), options, like, "torch")
+        out[layer] = (selection.gids, selection.scores, *selection.gathered())
+    return out
+
+
+def worker(rank: int, world: int, port: int, case: dict, results: dict):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        docs = memory_documents(7, content == "full")
-        owners = assign_shards([doc.num_chunks for doc in docs], world)
-        mine = [doc for doc, owner in zip(docs, owners) if owner == rank]
-        store = store_of(mine)
-        options = MSAOptions(top_k_docs=top_k, chunk_size=CHUNK, memory_content=content)
-        selection = route_sharded(rank_queries(rank, world), store.routing_view("m", LAYER),
-                                  {doc.gid: rows_of(doc, content) for doc in mine}, options)
-        memory_k, memory_v = fetch_selected(selection, store, "m", LAYER, content, torch.empty(0, HKV, D))
-        results[rank] = (selection.gids, selection.scores, memory_k, memory_v, owners)
+        group = dist.group.WORLD
+        shard = MemoryShard(rank=rank, size=world, device_group=group, cpu_group=group)
+        options = MSAOptions(**case["options"])
+        store = MemoryStore(case["budgets"][rank], CHUNK, router_key_format=options.router_key_format, shard=shard)
+        store.create("m")
+        refusals = commit_all(store, token_tensors(7, case["docs"]), case, rank, world, shard)
+        stats = store.stats("m")
+        results[rank] = (route_all(store, options, rank, world, shard), refusals, stats)
     finally:
         dist.destroy_process_group()
 
 
-def single_device(rank: int, content: str, top_k: int):
-    """The single-device path: the whole memory in one store, routed by the serving code."""
-    from sglang_msa.attention_backend import memory_ops
+def single_device(case: dict) -> dict:
+    options = MSAOptions(**case["options"])
+    store = MemoryStore(BIG, CHUNK, router_key_format=options.router_key_format)
+    store.create("m")
+    commit_all(store, token_tensors(7, case["docs"]), case, 0, 1, None)
+    return route_all(store, options, 0, 1, None)
 
-    store = store_of(memory_documents(7, content == "full"))
-    options = MSAOptions(top_k_docs=top_k, chunk_size=CHUNK, memory_content=content, similarity="dot")
-    return memory_ops.route(store, "m", LAYER, rank_queries(rank, 2), options, torch.empty(0, HKV, D))
 
-
-def run_world(content: str, top_k: int) -> dict:
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(worker, args=(2, free_port(), content, top_k, results), nprocs=2, join=True)
+def run_world(case: dict) -> dict:
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(2, free_port(), case, results), nprocs=2, join=True)
     return dict(results)
 
 
-def test_assign_shards_balances_chunks_in_order():
-    assert assign_shards([5, 1, 1, 1, 3, 1], 2) == [0, 1, 1, 1, 1, 0]
-    assert assign_shards([], 2) == [] and assign_shards([2, 2], 1) == [0, 0]
+def check_parity(case: dict, results: dict) -> None:
+    expected = single_device(case)
+    for rank in (0, 1):
+        routed = results[rank][0]
+        for layer in LAYERS:
+            gids, scores, memory_k, memory_v = routed[layer]
+            want_gids, want_scores, want_k, want_v = expected[layer]
+            assert gids == want_gids, (case, rank, layer)
+            torch.testing.assert_close(torch.tensor(scores), torch.tensor(want_scores), rtol=0, atol=1e-5)
+            torch.testing.assert_close(memory_k, heads_of(rank, 2, want_k), rtol=0, atol=0)
+            torch.testing.assert_close(memory_v, heads_of(rank, 2, want_v), rtol=0, atol=0)
+
+
+def pooled(**options) -> dict:
+    return {"top_k_docs": 3, "chunk_size": CHUNK, "memory_content": "pooled", **options}
+
+
+CASES = [
+    {"options": pooled(), "docs": 12},  # MSA router keys
+    {"options": pooled(top_k_docs=4, memory_content="full"), "docs": 12},
+    {"options": pooled(top_k_docs=20), "docs": 12},  # k > documents: all of them
+    {"options": pooled(router_key_format="fp8"), "docs": 12},
+    {"options": pooled(), "docs": 12, "training_free": True},  # routed on the pooled keys
+    {"options": pooled(), "docs": 1},  # one document: rank 1 routes none
+]
 
 
 def test_two_ranks_equal_one_device():
-    for content, top_k in (("pooled", 3), ("full", 4), ("pooled", 20)):  # 20 > documents: all of them
-        results = run_world(content, top_k)
-        owners = results[0][4]
-        assert set(owners) == {0, 1}  # both ranks hold part of the memory
-        for rank in (0, 1):
-            gids, scores, memory_k, memory_v, _ = results[rank]
-            expected = single_device(rank, content, top_k)
-            assert gids == expected.gids, (content, rank)
-            torch.testing.assert_close(torch.tensor(scores), torch.tensor(expected.scores), rtol=0, atol=1e-5)
-            assert {owners[g // 10] for g in gids} == {0, 1}  # the selection spans both shards
-            torch.testing.assert_close(memory_k, expected.memory_k, rtol=0, atol=0)
-            torch.testing.assert_close(memory_v, expected.memory_v, rtol=0, atol=0)
+    for case in CASES:
+        case = {**case, "budgets": [BIG, BIG]}
+        results = run_world(case)
+        per_rank = [results[rank][2]["routed_documents"] for rank in (0, 1)]
+        assert sum(per_rank) == case["docs"]  # every document routed by exactly one rank
+        if case["docs"] > 1:
+            assert min(per_rank) >= case["docs"] // 3, per_rank  # fewest chunks first: balanced
+            chosen = {gid for layer in LAYERS for gid in results[0][0][layer][0]}
+            assert len(chosen) > 1
+        check_parity(case, results)
+
+
+def test_a_document_one_rank_cannot_hold_is_refused_on_both():
+    # rank 1's budget holds 10 chunks (256 B each: 2 layers of a 2-head router key and 1-head K̄, V̄):
+    # the first 4 documents; every later one is refused by both ranks
+    case = {"options": pooled(), "docs": 12, "budgets": [BIG, 2560]}
+    results = run_world(case)
+    refusals = [results[rank][1] for rank in (0, 1)]
+    assert len(refusals[0]) == len(refusals[1]) == 8
+    assert "another tensor-parallel rank" in refusals[0][0] and "memory budget exhausted" in refusals[1][0]
+    assert results[0][2]["documents"] == results[1][2]["documents"] == case["docs"] - len(refusals[0])
+    assert sum(results[rank][2]["routed_documents"] for rank in (0, 1)) == results[0][2]["documents"]

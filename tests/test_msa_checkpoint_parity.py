@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from msa_checkpoints import ReferenceMSAModel, build_tiny_msa_checkpoint
 from sglang_msa.models.msa_config import wrap_document
 from sglang_msa.server.prompting import build_msa_chat_prompt
-from sglang_msa.server_process import start_server
+from sglang_msa.server_process import default_device, start_server
 
 pytestmark = pytest.mark.server
 
@@ -32,11 +32,21 @@ QUESTIONS = ["What is the special magic number for quiet-river?", "Which city is
 MAX_NEW_TOKENS = 6
 
 
-@pytest.fixture(scope="module", params=["INFONCE_DECOUPLE", "INFONCE"], ids=["dot", "cosine"])
+@pytest.fixture(scope="module", params=[("INFONCE_DECOUPLE", 1), ("INFONCE", 1), ("INFONCE_DECOUPLE", 2)],
+                ids=["dot", "cosine", "dot-tp2"])
 def served_checkpoint(request, tmp_path_factory):
-    model_dir = build_tiny_msa_checkpoint(tmp_path_factory.mktemp(f"msa-{request.param}"), request.param)
-    log = tmp_path_factory.mktemp("logs") / f"msa-{request.param}.log"
-    with start_server(model_dir, "msa", extra_args=["--max-total-tokens", "8192", "--dtype", "float32"], log_path=log) as server:
+    """The tiny checkpoint served with --tp 1, and with --tp 2 (Memory Parallel: two CPU ranks,
+    router projections and router keys split between them) against the same reference."""
+    aux_loss_method, tp = request.param
+    model_dir = build_tiny_msa_checkpoint(tmp_path_factory.mktemp(f"msa-{aux_loss_method}"), aux_loss_method)
+    log = tmp_path_factory.mktemp("logs") / f"msa-{aux_loss_method}-tp{tp}.log"
+    args = ["--max-total-tokens", "8192", "--dtype", "float32", "--tp", str(tp)]
+    device = default_device(ranks=tp)
+    with pytest.MonkeyPatch.context() as env:
+        if device == "cpu" and tp > 1:  # one CPU core per rank for SGLang's CPU engine
+            env.setenv("SGLANG_CPU_OMP_THREADS_BIND", "|".join(str(rank) for rank in range(tp)))
+        server = start_server(model_dir, "msa", extra_args=args, log_path=log, device=device)
+    with server:
         url = server.base_url
         requests.post(f"{url}/v1/memories", json={"memory_id": "parity"}, timeout=30).raise_for_status()
         added = requests.post(f"{url}/v1/memories/parity/documents",

@@ -95,16 +95,23 @@ def test_msa_decodes_between_prefills_unless_told_otherwise(tiny_llama):
         assert result.stdout.strip().splitlines()[-1] == expected, (args, result.stdout[-500:])
 
 
-def test_msa_refuses_several_ranks_with_a_clear_message(tiny_llama):
-    """Memories live in one scheduler rank: --tp 2 (or --dp 2) is refused at start-up, naming the
-    flag, instead of failing later in a scheduler."""
+def test_msa_refuses_what_memory_parallel_does_not_cover_with_a_clear_message(tiny_llama):
+    """Memories shard over the tensor-parallel group only: --dp 2 and --pp 2 are refused at
+    start-up naming the flag, and so is a memory directory with --tp 2 (instead of failing later
+    in a scheduler); --tp 2 alone resolves."""
     code = (
         "import sys; from sglang.srt.plugins import load_plugins; load_plugins();"
         "from sglang.srt.server_args import prepare_server_args;"
         "sa = prepare_server_args(['--model-path', sys.argv[1], '--attention-backend', 'msa', '--device', 'cpu']"
-        " + sys.argv[2:]); sa.resolve_once()"
+        " + sys.argv[2:]); sa.resolve_once(); print('resolved')"
     )
-    for flag in ("--tp", "--dp"):
-        result = subprocess.run([sys.executable, "-c", code, str(tiny_llama), flag, "2"], capture_output=True,
+    cases = {("--dp", "2"): "--dp 2 is not supported", ("--pp-size", "2"): "--pp-size 2 is not supported",
+             ("--tp", "2", "--msa-memory-dir", "/tmp/sglang-msa-unused"): "not supported with --tp > 1",
+             ("--tp", "2"): None}
+    for args, refusal in cases.items():
+        result = subprocess.run([sys.executable, "-c", code, str(tiny_llama), *args], capture_output=True,
                                 text=True, timeout=180)
-        assert result.returncode != 0 and f"{flag} 2 is not supported" in result.stderr, result.stderr[-1500:]
+        if refusal is None:
+            assert result.returncode == 0 and "resolved" in result.stdout, result.stderr[-1500:]
+        else:
+            assert result.returncode != 0 and refusal in result.stderr, (args, result.stderr[-1500:])

@@ -18,6 +18,7 @@ and the memory attention of the whole batch run as the Triton kernels of `sglang
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -27,6 +28,7 @@ from sglang_msa.attention_backend import memory_ops
 from sglang_msa.attention_backend.kernel_attention import BatchMemoryRows, ContextPlan, attend_batch, plan_context
 from sglang_msa.attention_backend.plan import BatchPlan, plan_batch
 from sglang_msa.memory_manager.service import KVGeometry, ModelFacts, start_service
+from sglang_msa.memory_manager.sharding import MemoryShard
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,10 @@ logger = logging.getLogger(__name__)
 class MSAAttnBackend(TorchNativeAttnBackend):
     def __init__(self, model_runner):
         super().__init__(model_runner)
-        self.service = start_service(_model_facts(model_runner, self.token_to_kv_pool), model_runner.server_args.port)
+        tensor_parallel = (getattr(model_runner.server_args, "tp_size", 1) or 1) > 1
+        self.shard = MemoryShard.of_tensor_parallel_group() if tensor_parallel else None
+        self.service = start_service(_model_facts(model_runner, self.token_to_kv_pool), model_runner.server_args.port,
+                                     shard=self.shard)
         self.routed_layers = frozenset(self.service.routed_layers)
         self.last_routed_layer = max(self.service.routed_layers)
         self.plan: BatchPlan | None = None
@@ -84,7 +89,7 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                 key_buffer[slots], value_buffer[slots], options.chunk_size,
                 keep_full=options.memory_content == "full",
                 router_keys=torch.cat(state.router_keys.pop(layer.layer_id)) if router_k is not None else None,
-                kernels=self.kernels, router_key_format=options.router_key_format,
+                kernels=self.kernels, router_key_format=options.router_key_format, shard=self.shard,
             )
             if layer.layer_id == self.last_routed_layer:
                 memory_ops.commit_ingestion(self.service.store, state)
@@ -104,7 +109,9 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                     routing_queries = torch.cat(
                         [queries[start - request.prefix_len : end - request.prefix_len] for start, end in spans]
                     )
-                    state.selections[layer.layer_id] = memory_ops.route(
+                    route = memory_ops.route if self.shard is None else functools.partial(
+                        memory_ops.route_sharded, shard=self.shard)
+                    state.selections[layer.layer_id] = route(
                         self.service.store, state.params.memory_id, layer.layer_id, routing_queries, options,
                         key_buffer, self.kernels,
                     )

@@ -9,7 +9,8 @@ import torch
 from sglang_msa.config import MSAOptions
 from sglang_msa.kernels import pooling, reference as ref, routing_scan, routing_torch
 from sglang_msa.memory_manager.requests import IngestState, LayerSelection, SlotRows
-from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, MemoryStore, StoredDocument
+from sglang_msa.memory_manager.sharding import MemoryShard
+from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, MemoryStore, RoutingView, StoredDocument
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +18,7 @@ logger = logging.getLogger(__name__)
 def pool_document(
     keys: torch.Tensor, values: torch.Tensor, chunk_size: int, keep_full: bool,
     router_keys: torch.Tensor | None = None, kernels: str = "torch", router_key_format: str = "model",
+    shard: MemoryShard | None = None,
 ) -> LayerTensors:
     """One document's routed-layer tensors from its token K (after RoPE), V and, for MSA
     checkpoints, router keys, all [n, Hkv, d].
@@ -25,6 +27,9 @@ def pool_document(
     `router_key_format="fp8"` stores router keys as float8 with one scale per (chunk, KV head). In
     full-resolution mode `keys` and `values` are kept as they are: pass tensors of this document
     alone (the rows gathered from the KV pool are such copies).
+
+    Under tensor parallelism (`shard`) the inputs hold this rank's KV heads: the pooled router
+    keys are all-gathered along heads (a collective: every rank pools the same document here).
     """
     n = keys.shape[0]
     if kernels == "triton":
@@ -35,6 +40,8 @@ def pool_document(
         pooled_router_k = None if router_keys is None else ref.pool_chunks(router_keys, [n], chunk_size)
     if pooled_router_k is None:
         pooled_router_k = pooled_k
+    if shard is not None:
+        pooled_router_k = shard.gather_heads(pooled_router_k)
     scales = None
     if router_key_format == "fp8":  # a float8 copy even of pooled keys: routing reads only these
         pooled_router_k, scales = routing_scan.quantize_fp8(pooled_router_k)
@@ -77,30 +84,63 @@ def route(
         view = store.routing_view(memory_id, layer_id)
     except MemoryOperationError:  # the memory was deleted after the request was admitted
         return empty_selection(like)
+    gids, scores = top_documents(view, router_q, options, kernels)
+    return read_selection(store, memory_id, layer_id, gids, scores, options, like, kernels)
+
+
+def route_sharded(
+    store: MemoryStore, memory_id: str, layer_id: int, router_q: torch.Tensor, options: MSAOptions,
+    like: torch.Tensor, kernels: str, shard: MemoryShard,
+) -> LayerSelection:
+    """`route` under tensor parallelism: `router_q` holds this rank's query heads; the queries are
+    gathered along heads, this rank's shard of router keys is scored, and the ranks agree on the
+    global top-k (`sharding.MemoryShard`). Every rank calls it for the same request and layer."""
+    router_q = shard.gather_heads(router_q)
+    try:
+        view = store.routing_view(memory_id, layer_id)
+        gids, scores = top_documents(view, router_q, options, kernels)
+    except MemoryOperationError:  # deleted after admission: on every rank alike (same control step)
+        gids, scores = [], []
+    gids, scores = shard.global_top_k(gids, scores, options.top_k_docs)
+    return read_selection(store, memory_id, layer_id, gids, scores, options, like, kernels)
+
+
+def top_documents(view: RoutingView, router_q: torch.Tensor, options: MSAOptions,
+                  kernels: str) -> tuple[list[int], list[float]]:
+    """The view's best `top_k_docs` documents for `router_q` [T, H, d], best first, with their scores."""
     if not view.gids:
-        return empty_selection(like)
+        return [], []
     similarity = "dot" if options.similarity == "auto" else options.similarity
     reductions = (similarity, options.head_reduce, options.query_reduce, options.chunk_reduce)
     if kernels == "triton":
         request = routing_scan.RoutingRequest(router_q=router_q, chunk_start=0, chunk_end=view.layout.num_chunks,
                                               num_docs=len(view.gids))
         plan = routing_scan.RoutingPlan.build([request], router_q.device, *reductions)
-        doc_scores = routing_scan.scan_layer(plan, [router_q], view.key_table()).cpu()  # all of them: the report
+        doc_scores = routing_scan.scan_layer(plan, [router_q], view.key_table()).cpu()
         chosen = routing_scan.top_k_per_request([doc_scores], options.top_k_docs)[0].tolist()
     else:
         per_chunk = routing_torch.chunk_scores(router_q, view.layout.num_chunks, view.read_keys, *reductions[:3])
         doc_scores = ref.document_scores(per_chunk, view.layout, options.chunk_reduce)
         chosen = ref.select_top_k(doc_scores, options.top_k_docs).tolist()
+    return [view.gids[i] for i in chosen], [float(doc_scores[i]) for i in chosen]
+
+
+def read_selection(
+    store: MemoryStore, memory_id: str, layer_id: int, gids: list[int], scores: list[float], options: MSAOptions,
+    like: torch.Tensor, kernels: str,
+) -> LayerSelection:
+    """The selection of documents `gids` (best first): their content, read in place on the
+    Triton path when it is on the device, else gathered."""
     try:
-        docs = store.documents(memory_id, [view.gids[i] for i in chosen])
+        docs = store.documents(memory_id, gids)
     except MemoryOperationError:  # the memory was deleted while this request routed
         return empty_selection(like)
     # a document deleted while this request routed is dropped from its selection
     present = {doc.gid for doc in docs}
-    chosen = [i for i in chosen if view.gids[i] in present]
-    if not chosen:
+    kept = [(gid, score) for gid, score in zip(gids, scores) if gid in present]
+    if not kept:
         return empty_selection(like)
-    gids, scores = [view.gids[i] for i in chosen], [float(doc_scores[i]) for i in chosen]
+    gids, scores = [gid for gid, _ in kept], [score for _, score in kept]
     if kernels == "triton":  # the attention kernel reads device-tier rows where they are
         in_place = store.content_in_place(docs, layer_id, options.memory_content)
         if in_place is not None and in_place[0].dtype == like.dtype:

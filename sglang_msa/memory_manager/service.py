@@ -3,12 +3,22 @@
 It owns the memory store, the per-request registry and a control thread answering the HTTP
 server over ZMQ, and it admits MSA requests when the scheduler receives them
 (`admit_request`, called from a hook on `Scheduler._add_request_to_queue`).
+
+Under tensor parallelism every rank has a service and a store shard (`sharding.py`); only rank 0
+has the control thread. It does not apply messages itself: it queues them, rank 0's scheduler
+hands them to SGLang's per-step broadcast of incoming requests (`ControlBatch`, a hook on
+`Scheduler._poll_timeout_aborts`), and every rank applies them in the same step, before that
+step's requests (`apply_control_batch`, a hook on `Scheduler.process_input_requests`). So
+creations and deletions reach all ranks in the same order relative to forward passes, and the
+handlers may use collectives (statistics are summed over the ranks).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +28,7 @@ from pydantic import ValidationError
 from sglang_msa.config import MSAOptions, load_options
 from sglang_msa.memory_manager import grants, protocol
 from sglang_msa.memory_manager.persistence import DocumentArchive
+from sglang_msa.memory_manager.sharding import MemoryShard
 from sglang_msa.memory_manager.requests import (
     CUSTOM_PARAMS_KEY,
     IngestParams,
@@ -64,14 +75,24 @@ def get_service() -> "MemoryService | None":
     return _service
 
 
-def start_service(facts: ModelFacts, port: int, options: MSAOptions | None = None) -> "MemoryService":
-    """Create this process's service (once) and start its control thread."""
+def start_service(facts: ModelFacts, port: int, options: MSAOptions | None = None,
+                  shard: MemoryShard | None = None) -> "MemoryService":
+    """Create this process's service (once) and, on the first rank, start its control thread."""
     global _service
     if _service is None:
-        _service = MemoryService(options or load_options(), facts)
+        _service = MemoryService(options or load_options(), facts, shard)
         _service.restore_memories()
-        _service.start_control_thread(protocol.control_address(port))
+        if shard is None or shard.rank == 0:
+            _service.start_control_thread(protocol.control_address(port))
     return _service
+
+
+@dataclass
+class ControlBatch:
+    """Control messages (raw JSON) rank 0 received since the last step, broadcast to every rank
+    with that step's requests (Memory Parallel)."""
+
+    messages: list[bytes]
 
 
 def _bypass_prefix_cache(req) -> None:
@@ -81,15 +102,18 @@ def _bypass_prefix_cache(req) -> None:
 
 
 class MemoryService:
-    def __init__(self, options: MSAOptions, facts: ModelFacts):
+    def __init__(self, options: MSAOptions, facts: ModelFacts, shard: MemoryShard | None = None):
         if facts.is_msa_checkpoint:
             options = options_for_checkpoint(options, facts.msa_config, facts.num_layers)
         self.options = options
         self.facts = facts
+        self.shard = shard
         self.routed_layers = options.routed_layer_ids(facts.num_layers)
         self.store = MemoryStore(int(options.memory_budget_mb * 2**20), options.chunk_size, self._open_archive(),
                                  host_budget_bytes=int(options.host_memory_budget_mb * 2**20),
-                                 router_key_format=options.router_key_format)
+                                 router_key_format=options.router_key_format, shard=shard)
+        self._pending: queue.Queue[tuple[bytes, Future]] = queue.Queue()  # rank 0, sharded: for the next step
+        self._in_flight: list[Future] = []  # rank 0, sharded: waiters of the batch being broadcast
         if facts.kv_geometry is not None:
             self.store.reserve(self.slot_layout(facts.kv_geometry))
         self.registry = RequestRegistry(on_leave=self._release_state)
@@ -102,12 +126,16 @@ class MemoryService:
     def slot_layout(self, kv: KVGeometry) -> SlotLayout:
         """What each stored document holds per routed layer, from the KV pool and the options."""
         fp8 = self.options.router_key_format == "fp8"
+        shards = self.shard.size if self.shard is not None else 1
         return SlotLayout(
             layers=tuple(self.routed_layers), chunk_size=self.options.chunk_size, kv_heads=kv.kv_heads,
             head_dim=kv.head_dim, v_head_dim=kv.v_head_dim, dtype=kv.dtype,
             router_dtype=torch.float8_e4m3fn if fp8 else kv.dtype,
-            router_is_pooled_k=not fp8 and not self.facts.is_msa_checkpoint,
+            # sharded, a router key has every rank's heads and the content this rank's: K̄ is kept twice
+            router_is_pooled_k=not fp8 and not self.facts.is_msa_checkpoint and shards == 1,
             full=self.options.memory_content == "full", device=kv.device,
+            router_heads=kv.kv_heads * shards, key_shards=shards,
+            max_document_chunks=-(-self.options.max_document_tokens // self.options.chunk_size),
         )
 
     def _open_archive(self) -> DocumentArchive | None:
@@ -208,17 +236,46 @@ class MemoryService:
     def _serve_control(self, socket) -> None:
         while True:
             raw = socket.recv()
-            try:
-                message = protocol.control_message_adapter.validate_json(raw)
-                reply = protocol.ControlReply(ok=True, result=self.handle(message))
-            except MemoryOperationError as exc:
-                reply = protocol.ControlReply(ok=False, status=exc.status, error=str(exc))
-            except ValidationError as exc:
-                reply = protocol.ControlReply(ok=False, status=422, error=str(exc))
-            except Exception as exc:  # the channel must survive anything a message does
-                logger.exception("sglang-msa: control message failed")
-                reply = protocol.ControlReply(ok=False, status=500, error=f"{type(exc).__name__}: {exc}")
+            if self.shard is None:
+                reply = self._apply(raw)
+            else:  # applied by every rank's scheduler in the same step
+                applied: Future = Future()
+                self._pending.put((raw, applied))
+                reply = applied.result()
             socket.send(reply.model_dump_json().encode())
+
+    def _apply(self, raw: bytes) -> protocol.ControlReply:
+        try:
+            message = protocol.control_message_adapter.validate_json(raw)
+            return protocol.ControlReply(ok=True, result=self.handle(message))
+        except MemoryOperationError as exc:
+            return protocol.ControlReply(ok=False, status=exc.status, error=str(exc))
+        except ValidationError as exc:
+            return protocol.ControlReply(ok=False, status=422, error=str(exc))
+        except Exception as exc:  # the channel must survive anything a message does
+            logger.exception("sglang-msa: control message failed")
+            return protocol.ControlReply(ok=False, status=500, error=f"{type(exc).__name__}: {exc}")
+
+    def take_pending(self) -> ControlBatch | None:
+        """Rank 0: the control messages waiting for the next step, as one broadcastable batch."""
+        raws = []
+        while True:
+            try:
+                raws.append(self._pending.get_nowait())
+            except queue.Empty:
+                break
+        if not raws:
+            return None
+        self._in_flight = [applied for _, applied in raws]
+        return ControlBatch(messages=[raw for raw, _ in raws])
+
+    def apply_control_batch(self, batch: ControlBatch) -> None:
+        """Every rank, in the same step: apply the batch in order; rank 0 answers its waiters."""
+        replies = [self._apply(raw) for raw in batch.messages]
+        if self.shard.rank == 0:
+            for applied, reply in zip(self._in_flight, replies):
+                applied.set_result(reply)
+            self._in_flight = []
 
     def handle(self, message) -> dict:
         store = self.store
@@ -229,14 +286,27 @@ class MemoryService:
         if isinstance(message, protocol.RemoveDocument):
             return {"removed": store.remove_document(message.memory_id, message.gid)}
         if isinstance(message, protocol.MemoryStats):
-            return store.stats(message.memory_id)
+            return self._summed_over_ranks(store.stats(message.memory_id))
         if isinstance(message, protocol.TakeReport):
             return self.take_report(message.rid)
         if isinstance(message, protocol.ListContents):
             return {"memories": store.contents()}
         if isinstance(message, protocol.StoreStats):
-            return {"memories": store.all_stats(), **store.capacity()}
+            memories = {memory_id: self._summed_over_ranks(stats) for memory_id, stats in store.all_stats().items()}
+            return {"memories": memories, **store.capacity()}
         raise ValueError(f"unhandled message {message!r}")
+
+    def _summed_over_ranks(self, stats: dict) -> dict:
+        """A memory's statistics over the tensor-parallel ranks: bytes summed (each rank holds
+        its heads of the content and its shard of the router keys), documents as one rank sees
+        them (all of them), and how many documents each rank routes."""
+        if self.shard is None:
+            return stats
+        ranks = self.shard.gather_objects(stats)
+        summed = {**stats, **{name: sum(r[name] for r in ranks) for name in ("bytes", "device_bytes", "host_bytes")}}
+        summed["routed_documents"] = sum(r["routed_documents"] for r in ranks)
+        summed["routed_documents_per_rank"] = [r["routed_documents"] for r in ranks]
+        return summed
 
     def take_report(self, rid: str) -> dict:
         state = self.registry.pop(rid)

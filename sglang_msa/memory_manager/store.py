@@ -8,6 +8,12 @@ allocates its slots and writes them, deleting it frees them; nothing else moves.
 view of a memory (its documents in order, their chunk layout and key slots) is rebuilt lazily
 once per change, not per query; the keys themselves are read in place.
 
+Under tensor parallelism (`sharding.MemoryShard`) every rank's store holds every document's
+content in the rank's own KV heads, and the router keys (all heads) of the documents it routes:
+each document goes to the rank holding the fewest router-key chunks, a choice every rank makes
+alike because all of them see the same commits and deletions in the same order. A commit that
+one rank cannot place is refused on all of them.
+
 Thread safety: the control thread (create/delete) and the scheduler thread (ingest commits,
 reads during forward) share the store under one lock; readers take immutable snapshots.
 """
@@ -22,6 +28,7 @@ import torch
 
 from sglang_msa.kernels.reference import ChunkLayout, chunk_layout
 from sglang_msa.kernels.routing_scan import RouterKeyTable
+from sglang_msa.memory_manager.sharding import MemoryShard
 from sglang_msa.memory_manager.tiers import DocumentSlots, MemorySlots, Placement, SlotLayout, SlotsExhausted
 
 
@@ -167,8 +174,11 @@ class MemoryStore:
     document, whose shapes they take), their owners and placements."""
 
     def __init__(self, budget_bytes: int, chunk_size: int, backing: DurableBacking | None = None,
-                 host_budget_bytes: int = 0, router_key_format: str | None = None):
+                 host_budget_bytes: int = 0, router_key_format: str | None = None,
+                 shard: MemoryShard | None = None):
         self.budget_bytes = budget_bytes
+        self.shard = shard
+        self._routed_chunks = [0] * (shard.size if shard is not None else 1)  # router-key chunks per rank
         self.host_budget_bytes = host_budget_bytes
         self.chunk_size = chunk_size
         self.backing = backing
@@ -201,7 +211,7 @@ class MemoryStore:
             if self.backing is not None:
                 self.backing.drop_memory(memory_id)
             for doc in memory.documents.values():
-                self._release(doc)
+                self._forget(doc)
             return True
 
     def remove_document(self, memory_id: str, gid: int) -> bool:
@@ -212,7 +222,7 @@ class MemoryStore:
                 return False
             if self.backing is not None:
                 self.backing.remove_document(memory_id, gid)
-            self._release(doc)
+            self._forget(doc)
             memory.version += 1
             return True
 
@@ -223,7 +233,7 @@ class MemoryStore:
             memory = self._require(memory_id)
             if doc.gid in memory.documents:
                 raise MemoryOperationError(f"document {doc.gid} already exists in memory {memory_id!r}", 409)
-            placed = self._place(memory, doc)
+            placed = self._place_everywhere(memory, doc)
             try:
                 if self.backing is not None:
                     self.backing.write_document(memory_id, doc)
@@ -253,14 +263,32 @@ class MemoryStore:
             if self.slots is None:
                 self.slots = MemorySlots(layout, self.budget_bytes, self.host_budget_bytes)
 
+    def _place_everywhere(self, memory: Memory, doc: StoredDocument) -> DocumentSlots:
+        """Place the document on this rank, and, sharded, only if every rank could place it."""
+        if self.shard is None:
+            return self._place(memory, doc)
+        try:
+            placed, refusal = self._place(memory, doc), None
+        except MemoryOperationError as exc:
+            placed, refusal = None, exc
+        if self.shard.agree(refusal is None):
+            return placed
+        if placed is not None:
+            self.slots.release(placed)
+        raise refusal or MemoryOperationError(
+            "memory budget exhausted on another tensor-parallel rank (its router keys or content slots are full)", 507)
+
     def _place(self, memory: Memory, doc: StoredDocument) -> DocumentSlots:
         if self.slots is None:
             self.reserve(SlotLayout.of_document(doc, self.chunk_size, self.router_key_format))
         if tuple(sorted(doc.layers)) != self.slots.layout.layers:
             raise ValueError(f"document {doc.gid} has routed layers {sorted(doc.layers)}, "
                              f"the store {list(self.slots.layout.layers)}")
+        router_rank = min(range(len(self._routed_chunks)), key=lambda r: (self._routed_chunks[r], r))
+        my_rank = self.shard.rank if self.shard is not None else 0
         try:
-            return self.slots.place(doc.gid, doc.num_tokens, doc.num_chunks, memory.placement)
+            return self.slots.place(doc.gid, doc.num_tokens, doc.num_chunks, memory.placement,
+                                    router_rank=router_rank, holds_keys=router_rank == my_rank)
         except SlotsExhausted as exc:
             raise MemoryOperationError(str(exc), 507) from exc
 
@@ -268,8 +296,14 @@ class MemoryStore:
         self.slots.write(placed, doc.layers)
         memory.documents[placed.gid] = placed
         memory.version += 1
+        self._routed_chunks[placed.router_rank] += placed.num_chunks
         for tier, size in self.slots.nbytes(placed).items():
             self._used_bytes[tier] += size
+
+    def _forget(self, doc: DocumentSlots) -> None:
+        """A document left its memory: no rank routes it any more; its slots go when unpinned."""
+        self._routed_chunks[doc.router_rank] -= doc.num_chunks
+        self._release(doc)
 
     def _release(self, doc: DocumentSlots) -> None:
         """Free a deleted document's slots, or, while selections read them in place, once they are done."""
@@ -321,7 +355,7 @@ class MemoryStore:
         with self._lock:
             memory = self._require(memory_id)
             if memory._index_version != memory.version:
-                gids = list(memory.documents)
+                gids = [gid for gid, doc in memory.documents.items() if doc.holds_keys]  # this rank's shard
                 docs = [memory.documents[gid] for gid in gids]
                 memory._index = _MemoryIndex(
                     gids=gids, layout=chunk_layout([doc.num_tokens for doc in docs], self.chunk_size),
@@ -383,6 +417,7 @@ class MemoryStore:
                 "device_bytes": by_tier["device"],
                 "host_bytes": by_tier["host"],
                 "placement": memory.placement,
+                "routed_documents": sum(doc.holds_keys for doc in docs),  # whose router keys this rank holds
             }
 
     def all_stats(self) -> dict[str, dict]:

@@ -55,6 +55,13 @@ class SlotLayout:
     router_is_pooled_k: bool  # router keys are the pooled keys: K̄ is stored once, in the key pool
     full: bool  # full-resolution K / V kept
     device: torch.device
+    router_heads: int = 0  # KV heads of a router key (0: kv_heads); all the model's under tensor parallelism
+    key_shards: int = 1  # ranks sharing router keys by document (Memory Parallel, `sharding.py`)
+    max_document_chunks: int = 0  # a sharded key pool's headroom: one rank may hold one document more
+
+    @property
+    def router_key_heads(self) -> int:
+        return self.router_heads or self.kv_heads
 
     @classmethod
     def of_document(cls, doc, chunk_size: int, router_key_format: str | None = None) -> "SlotLayout":
@@ -71,6 +78,7 @@ class SlotLayout:
             layers=layers, chunk_size=chunk_size, kv_heads=first.pooled_k.shape[1], head_dim=first.pooled_k.shape[2],
             v_head_dim=first.pooled_v.shape[2], dtype=first.pooled_k.dtype, router_dtype=router_dtype,
             router_is_pooled_k=shared, full=first.full_k is not None, device=first.pooled_k.device,
+            router_heads=first.router_k.shape[1],
         )
 
     @property
@@ -78,9 +86,9 @@ class SlotLayout:
         return self.router_dtype in FP8_DTYPES
 
     def key_fields(self) -> list[FieldSpec]:
-        fields = [FieldSpec("router_k", (self.kv_heads, self.head_dim), self.router_dtype)]
+        fields = [FieldSpec("router_k", (self.router_key_heads, self.head_dim), self.router_dtype)]
         if self.quantized:
-            fields.append(FieldSpec("router_k_scale", (self.kv_heads,), torch.float32))
+            fields.append(FieldSpec("router_k_scale", (self.router_key_heads,), torch.float32))
         return fields
 
     def chunk_fields(self) -> list[FieldSpec]:
@@ -105,18 +113,25 @@ class SlotLayout:
 class TierCapacity:
     device_chunks: int
     host_chunks: int
+    key_chunks: int  # router-key slots: every chunk of either tier, or this rank's share when sharded
 
     @classmethod
     def from_budgets(cls, layout: SlotLayout, device_bytes: int, host_bytes: int) -> "TierCapacity":
-        key, content = layout.key_bytes_per_chunk(), layout.content_bytes_per_chunk()
+        """With router keys sharded over S ranks, each rank keeps about 1/S of the chunks' keys
+        (documents go to the rank with the fewest), plus one longest document of headroom."""
+        key, content, shards = layout.key_bytes_per_chunk(), layout.content_bytes_per_chunk(), layout.key_shards
+        headroom = layout.max_document_chunks if shards > 1 else 0
+        key_share = -(-key // shards)
         host_chunks = host_bytes // content
-        if host_chunks * key > device_bytes:
+        if (host_chunks + headroom) * key_share > device_bytes:
             raise ValueError(
                 f"sglang-msa: host_memory_budget_mb holds {host_chunks} chunks whose router keys need "
-                f"{host_chunks * key / 2**20:.0f} MiB on the device, more than memory_budget_mb "
+                f"{host_chunks * key_share / 2**20:.0f} MiB on the device, more than memory_budget_mb "
                 f"({device_bytes / 2**20:.0f} MiB); raise memory_budget_mb or lower host_memory_budget_mb"
             )
-        return cls(device_chunks=(device_bytes - host_chunks * key) // (key + content), host_chunks=host_chunks)
+        device_chunks = (device_bytes - (host_chunks + headroom) * key_share) // (key_share + content)
+        key_chunks = device_chunks + host_chunks if shards == 1 else -(-(device_chunks + host_chunks) // shards) + headroom
+        return cls(device_chunks=device_chunks, host_chunks=host_chunks, key_chunks=key_chunks)
 
 
 @dataclass(frozen=True)
@@ -127,9 +142,14 @@ class DocumentSlots:
     num_tokens: int
     num_chunks: int
     tier: Tier
-    key_slots: torch.Tensor  # [num_chunks] int64 slots of the key pool (device)
+    key_slots: torch.Tensor  # [num_chunks] int64 slots of the key pool (device); [0] where another rank routes it
     chunk_slots: torch.Tensor  # [num_chunks] slots of the tier's chunk-content pool
     token_slots: torch.Tensor | None  # [num_tokens] slots of the tier's token pool (full resolution)
+    router_rank: int = 0  # the rank holding its router keys (Memory Parallel); 0 with one rank
+
+    @property
+    def holds_keys(self) -> bool:
+        return self.key_slots.numel() > 0
 
 
 class MemorySlots:
@@ -141,7 +161,7 @@ class MemorySlots:
         device, host = layout.device, torch.device("cpu")
         pin = device.type == "cuda" and torch.cuda.is_available()
         chunks = {"device": self.capacity.device_chunks, "host": self.capacity.host_chunks}
-        self.keys = SlotPool("keys", chunks["device"] + chunks["host"], layout.layers, layout.key_fields(), device)
+        self.keys = SlotPool("keys", self.capacity.key_chunks, layout.layers, layout.key_fields(), device)
         self.chunk_pools = {
             tier: SlotPool(f"{tier} chunks", chunks[tier], layout.layers, layout.chunk_fields(),
                            device if tier == "device" else host, pin_memory=pin and tier == "host")
@@ -155,7 +175,7 @@ class MemorySlots:
         logger.warning(
             "sglang-msa: memory slots for %d routed layers: device %.0f MiB (router keys of %d chunks, content of "
             "%d chunks = %d tokens), host %.0f MiB (content of %d chunks = %d tokens)",
-            len(layout.layers), self.tier_nbytes("device") / 2**20, chunks["device"] + chunks["host"],
+            len(layout.layers), self.tier_nbytes("device") / 2**20, self.capacity.key_chunks,
             chunks["device"], chunks["device"] * layout.chunk_size, self.tier_nbytes("host") / 2**20,
             chunks["host"], chunks["host"] * layout.chunk_size,
         )
@@ -166,23 +186,26 @@ class MemorySlots:
         return sum(pool.nbytes() for pool in pools) + (self.keys.nbytes() if tier == "device" else 0)
 
     # ------------------------------------------------------------------ placing documents
-    def place(self, gid: int, num_tokens: int, num_chunks: int, placement: Placement) -> DocumentSlots:
-        """Slots for a document in the first tier the placement allows that has room."""
+    def place(self, gid: int, num_tokens: int, num_chunks: int, placement: Placement,
+              router_rank: int = 0, holds_keys: bool = True) -> DocumentSlots:
+        """Slots for a document in the first tier the placement allows that has room (router-key
+        slots only where this rank routes it: `holds_keys`)."""
         tiers: list[Tier] = ["device", "host"] if placement == "auto" else [placement]
         for tier in tiers:
-            slots = self._alloc(tier, num_tokens, num_chunks)
+            slots = self._alloc(tier, num_tokens, num_chunks, holds_keys)
             if slots is not None:
-                return DocumentSlots(gid, num_tokens, num_chunks, tier, *slots)
+                return DocumentSlots(gid, num_tokens, num_chunks, tier, *slots, router_rank=router_rank)
         raise SlotsExhausted(self._exhausted_message(num_chunks, placement))
 
-    def _alloc(self, tier: Tier, num_tokens: int, num_chunks: int):
+    def _alloc(self, tier: Tier, num_tokens: int, num_chunks: int, holds_keys: bool):
         chunk_pool = self.chunk_pools[tier]
         token_pool = self.token_pools.get(tier)
-        if chunk_pool.available() < num_chunks or self.keys.available() < num_chunks or (
+        key_chunks = num_chunks if holds_keys else 0
+        if chunk_pool.available() < num_chunks or self.keys.available() < key_chunks or (
             token_pool is not None and token_pool.available() < num_tokens
         ):
             return None
-        key_slots, chunk_slots = self.keys.alloc(num_chunks), chunk_pool.alloc(num_chunks)
+        key_slots, chunk_slots = self.keys.alloc(key_chunks), chunk_pool.alloc(num_chunks)
         token_slots = token_pool.alloc(num_tokens) if token_pool is not None else None
         return key_slots, chunk_slots, token_slots
 
@@ -195,14 +218,15 @@ class MemorySlots:
         )
 
     def release(self, doc: DocumentSlots) -> None:
-        self.keys.free(doc.key_slots)
+        if doc.holds_keys:
+            self.keys.free(doc.key_slots)
         self.chunk_pools[doc.tier].free(doc.chunk_slots)
         if doc.token_slots is not None:
             self.token_pools[doc.tier].free(doc.token_slots)
 
     def nbytes(self, doc: DocumentSlots) -> dict[Tier, int]:
         """The document's bytes per tier (its router keys count on the device)."""
-        key = doc.num_chunks * self.keys.slot_bytes()
+        key = doc.key_slots.numel() * self.keys.slot_bytes()
         content = doc.num_chunks * self.chunk_pools[doc.tier].slot_bytes()
         if doc.token_slots is not None:
             content += doc.num_tokens * self.token_pools[doc.tier].slot_bytes()
@@ -211,6 +235,16 @@ class MemorySlots:
     # ------------------------------------------------------------------ tensors in and out
     def write(self, doc: DocumentSlots, layers: dict) -> None:
         """Store a document's `store.LayerTensors` per routed layer at its slots."""
+        if doc.holds_keys:
+            self._write_keys(doc, layers)
+        content = [(self.chunk_pools[doc.tier], doc.chunk_slots)]
+        if doc.token_slots is not None:
+            content.append((self.token_pools[doc.tier], doc.token_slots))
+        for pool, slots in content:  # every field the pool holds, from the LayerTensors field of that name
+            for name in pool.fields:
+                pool.write(name, slots, {layer: getattr(parts, name) for layer, parts in layers.items()})
+
+    def _write_keys(self, doc: DocumentSlots, layers: dict) -> None:
         layout = self.layout
         router_k, scales = {}, {}
         for layer, parts in layers.items():
@@ -224,12 +258,6 @@ class MemorySlots:
         self.keys.write("router_k", doc.key_slots, router_k)
         if layout.quantized:
             self.keys.write("router_k_scale", doc.key_slots, scales)
-        content = [(self.chunk_pools[doc.tier], doc.chunk_slots)]
-        if doc.token_slots is not None:
-            content.append((self.token_pools[doc.tier], doc.token_slots))
-        for pool, slots in content:  # every field the pool holds, from the LayerTensors field of that name
-            for name in pool.fields:
-                pool.write(name, slots, {layer: getattr(parts, name) for layer, parts in layers.items()})
 
     def read_keys(self, layer: int, key_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Router keys (and float8 scales) at `key_slots` in `layer`."""

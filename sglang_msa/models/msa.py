@@ -4,6 +4,10 @@ Weights load unchanged from the released format: every Qwen3 name, plus per rout
 `model.layers.{i}.self_attn.router_q_proj.0.weight` [H·d, hidden] and
 `...router_k_proj.0.weight` [Hkv·d, hidden]. The router projections read the attention input
 (after `input_layernorm`), get no norm and no RoPE, and travel to the `msa` backend with q/k/v.
+
+Under tensor parallelism (`--tp N`) each rank computes the router heads that match its own
+attention heads (its query heads; its KV heads, replicated like K when N exceeds the KV heads),
+so the backend sees router queries and keys shaped like q and k.
 """
 
 from __future__ import annotations
@@ -30,20 +34,32 @@ class RoutedQwen3Attention(Qwen3Attention):
         return output
 
 
+def rank_head_rows(total_heads: int, local_heads: int, head_dim: int) -> slice:
+    """The rows of a full [total_heads · d, hidden] projection that this tensor-parallel rank
+    computes: its `local_heads` heads, replicated over ranks when there are fewer heads than
+    ranks (as SGLang's QKVParallelLinear places K and V)."""
+    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    replicas = max(1, size // total_heads)
+    first = (rank // replicas) * local_heads
+    return slice(first * head_dim, (first + local_heads) * head_dim)
+
+
 class MSAForCausalLM(Qwen3ForCausalLM):
     def __init__(self, config, quant_config=None, prefix: str = ""):
         super().__init__(config, quant_config=quant_config, prefix=prefix)
         self.routed_layers = routed_layers_of(config.msa_config, config.num_hidden_layers)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.router_rows: dict[str, slice] = {}  # parameter name -> rows of the checkpoint's weight
         for layer_id in self.routed_layers:
             attention = self.model.layers[layer_id].self_attn
             attention.__class__ = RoutedQwen3Attention
-            attention.router_q_proj = nn.Sequential(
-                nn.Linear(config.hidden_size, config.num_attention_heads * head_dim, bias=False)
-            )
-            attention.router_k_proj = nn.Sequential(
-                nn.Linear(config.hidden_size, config.num_key_value_heads * head_dim, bias=False)
-            )
+            for name, total, local in (("router_q_proj", config.num_attention_heads, attention.num_heads),
+                                       ("router_k_proj", config.num_key_value_heads, attention.num_kv_heads)):
+                setattr(attention, name, nn.Sequential(nn.Linear(config.hidden_size, local * head_dim, bias=False)))
+                self.router_rows[f"model.layers.{layer_id}.self_attn.{name}.0.weight"] = rank_head_rows(
+                    total, local, head_dim)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
@@ -57,7 +73,7 @@ class MSAForCausalLM(Qwen3ForCausalLM):
                     # before Qwen3's loader, whose "q_proj"/"k_proj" stacking would match these names
                     if name not in params:
                         raise ValueError(f"{name}: router weights for a layer that msa_config does not route")
-                    default_weight_loader(params[name], tensor)
+                    default_weight_loader(params[name], tensor[self.router_rows[name]])
                     loaded.add(name)
                 else:
                     yield name, tensor

@@ -203,7 +203,7 @@ class MemoryAPI:
     async def memory_info(self, memory_id: str) -> dict:
         self.require_memory(memory_id)
         stats = await self.control_request(protocol.MemoryStats(memory_id=memory_id))
-        return {
+        info = {
             "memory_id": memory_id,
             "documents": stats["documents"],
             "tokens": stats["tokens"],
@@ -211,6 +211,9 @@ class MemoryAPI:
             "placement": stats["placement"],
             "bytes": {"device": stats["device_bytes"], "host": stats["host_bytes"]},
         }
+        if "routed_documents_per_rank" in stats:  # Memory Parallel: whose router keys each TP rank holds
+            info["routed_documents_per_rank"] = stats["routed_documents_per_rank"]
+        return info
 
     async def delete_memory(self, memory_id: str) -> dict:
         """Forget the record first, then the tensors: a crash in between leaves tensors that the
