@@ -22,6 +22,7 @@ _CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
 _FROM_CLI_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
 _HTTP_LAUNCH_TARGET = "sglang.srt.entrypoints.http_server.launch_server"
 _LOCAL_REQUESTS_TARGET = "sglang.srt.managers.scheduler.Scheduler._poll_timeout_aborts"
+_ABORT_TARGET = "sglang.srt.managers.scheduler.Scheduler.abort_request"
 _PROCESS_INPUT_TARGET = "sglang.srt.managers.scheduler.Scheduler.process_input_requests"
 _GROUP_TARGET = "sglang.srt.distributed.parallel_state.init_model_parallel_group"
 
@@ -85,6 +86,7 @@ def _register_hooks() -> None:
     HookRegistry.register(_GROUP_TARGET, cpu_groups_without_pynccl, HookType.BEFORE)
     HookRegistry.register(_LOCAL_REQUESTS_TARGET, add_msa_control_batch, HookType.AFTER)
     HookRegistry.register(_PROCESS_INPUT_TARGET, apply_msa_control_batches, HookType.BEFORE)
+    HookRegistry.register(_ABORT_TARGET, release_aborted_msa_state, HookType.AFTER)
     if multiprocessing.parent_process() is None:  # the launcher: the only process serving HTTP
         HookRegistry.register(_HTTP_LAUNCH_TARGET, install_memory_routes, HookType.BEFORE)
     _hooks_registered = True
@@ -163,6 +165,20 @@ def admit_msa_request(original, scheduler, req, *args, **kwargs):
         if error is not None:
             req.set_finish_with_abort(f"sglang-msa: {error}")
     return original(scheduler, req, *args, **kwargs)
+
+
+def release_aborted_msa_state(result, scheduler, recv_req, *args, **kwargs):
+    """An aborted request's MSA state leaves with it (every rank: aborts ride the broadcast).
+
+    SGLang aborts a request whose client went away (a closed stream included) or whose abort was
+    asked. The abort follows the request on SGLang's ordered channel, so the request was
+    admitted, and its state registered, before this runs."""
+    from sglang_msa.memory_manager.service import get_service
+
+    service = get_service()
+    if service is not None:
+        service.release_aborted(recv_req.rid, recv_req.abort_all)
+    return result
 
 
 def add_msa_control_batch(result, scheduler, *args, **kwargs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import pytest
 import requests
@@ -292,3 +293,32 @@ def test_host_placement_answers_exactly_like_device_placement(server):
     stats = requests.get(f"{server}/v1/memories/-/stats", timeout=30).json()
     assert stats["host_bytes"] >= host["bytes"]["host"] and stats["host_budget_bytes"] == 64 * 2**20
     assert stats["chunk_slots"]["host"]["free"] < stats["chunk_slots"]["host"]["total"]
+
+
+def test_a_stream_whose_client_goes_away_is_aborted_and_frees_its_state(server):
+    """A streaming chat whose client disconnects after the first tokens: SGLang aborts the
+    request and the scheduler forgets its MSA state (its selections) at once, instead of
+    decoding to max_tokens and keeping the state until it expires; the server answers on."""
+    post(f"{server}/v1/memories", {"memory_id": "walkaway"}, 201)
+    post(f"{server}/v1/memories/walkaway/documents", {"documents": [{"text": f"Fact {i} is {i * i}."}
+                                                                      for i in range(10)]}, 201)
+
+    def in_flight():
+        return requests.get(f"{server}/v1/memories/-/stats", timeout=30).json()["requests_in_flight"]
+
+    before = in_flight()
+    for _ in range(3):
+        response = requests.post(f"{server}/v1/memories/walkaway/chat/completions", json={
+            "messages": [{"role": "user", "content": "What is fact 3?"}], "max_tokens": 400, "temperature": 0,
+            "stream": True, "msa": {}}, stream=True, timeout=60)
+        assert response.status_code == 200
+        chunks = (line for line in response.iter_lines() if line)
+        assert next(chunks).startswith(b"data: ")  # the role chunk
+        assert b'"content"' in next(chunks)  # the request is decoding
+        response.close()  # the client goes away mid-answer
+    deadline = time.monotonic() + 60
+    while in_flight() != before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert in_flight() == before
+    full = chat(server, "walkaway", "What is fact 3?")
+    assert full["choices"][0]["message"]["content"] is not None

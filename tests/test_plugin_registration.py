@@ -33,7 +33,8 @@ def test_load_plugins_registers_msa_idempotently():
     assert type(AutoConfig.for_model("msa")) is MSAConfig
     # hooks that failed to apply would only be logged by SGLang
     assert {plugin._COMPATIBILITY_TARGET, plugin._ADMISSION_TARGET, plugin._CLI_ARGS_TARGET,
-            plugin._FROM_CLI_TARGET} <= HookRegistry._patched
+            plugin._FROM_CLI_TARGET, plugin._GROUP_TARGET, plugin._LOCAL_REQUESTS_TARGET,
+            plugin._PROCESS_INPUT_TARGET, plugin._ABORT_TARGET} <= HookRegistry._patched
     plugin.register()  # SGLang runs it once per process; a second call must change nothing
     plugin.register()
     assert ATTENTION_BACKEND_CHOICES.count("msa") == 1

@@ -169,12 +169,23 @@ class RequestRegistry:
                 state.last_access = time.monotonic()
             return state
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._states)
+
     def pop(self, rid: str) -> QueryState | IngestState | None:
         with self._lock:
             state = self._states.pop(rid, None)
         if state is not None and self.on_leave is not None:
             self.on_leave(state)
         return state
+
+    def clear(self) -> None:
+        with self._lock:
+            states, self._states = list(self._states.values()), {}
+        for state in states:
+            if self.on_leave is not None:
+                self.on_leave(state)
 
     def _expire(self) -> None:
         deadline = time.monotonic() - self.ttl_s

@@ -293,7 +293,7 @@ class MemoryService:
             return {"memories": store.contents()}
         if isinstance(message, protocol.StoreStats):
             memories = {memory_id: self._summed_over_ranks(stats) for memory_id, stats in store.all_stats().items()}
-            return {"memories": memories, **store.capacity()}
+            return {"memories": memories, **store.capacity(), "requests": len(self.registry)}
         raise ValueError(f"unhandled message {message!r}")
 
     def _summed_over_ranks(self, stats: dict) -> dict:
@@ -307,6 +307,14 @@ class MemoryService:
         summed["routed_documents"] = sum(r["routed_documents"] for r in ranks)
         summed["routed_documents_per_rank"] = [r["routed_documents"] for r in ranks]
         return summed
+
+    def release_aborted(self, rid: str, abort_all: bool) -> None:
+        """SGLang aborted the request (its client went away, or an abort was asked): its state,
+        and the pins of its selections, go now; nobody will take its report."""
+        if abort_all:
+            self.registry.clear()
+        else:
+            self.registry.pop(rid)
 
     def take_report(self, rid: str) -> dict:
         state = self.registry.pop(rid)

@@ -198,7 +198,8 @@ class MemoryAPI:
         totals = {key: sum(stats[key] for stats in per_memory.values())
                   for key in ("documents", "tokens", "chunks", "bytes", "device_bytes", "host_bytes")}
         capacity = {key: reply[key] for key in ("budget_bytes", "host_budget_bytes", "chunk_slots") if key in reply}
-        return {"memories": len(per_memory), **totals, **capacity}
+        server = {} if self.keys_enabled else {"requests_in_flight": reply["requests"]}  # server-wide: no tenant's
+        return {"memories": len(per_memory), **totals, **capacity, **server}
 
     async def memory_info(self, memory_id: str) -> dict:
         self.require_memory(memory_id)
