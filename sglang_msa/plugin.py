@@ -251,11 +251,6 @@ def configure_msa_resolution(result, server_args, *args, **kwargs):
             + ", ".join(f"{flag} {size}" for flag, size in ranks.items() if size > 1)
             + " is not supported (use --tp, or one server per data-parallel replica)"
         )
-    from sglang_msa.config import load_options
-
-    if (getattr(view, "tp_size", 1) or 1) > 1 and load_options().memory_dir is not None:
-        raise ValueError("sglang-msa: --msa-memory-dir (memory_dir) is not supported with --tp > 1 yet: "
-                         "each rank would persist its own shard")
     source = "sglang_msa.plugin.configure_msa_resolution"
     logger.warning(
         "sglang-msa: CUDA graphs are disabled for --attention-backend msa "

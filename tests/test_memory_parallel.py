@@ -67,6 +67,28 @@ def route_all(store, options, rank, world, shard) -> dict:
     return out
 
 
+class RecordingBacking:
+    """A memory directory in a dict: gid -> router rank of the files this rank holds; writing
+    `fail_gid` fails (a full disk)."""
+
+    def __init__(self, fail_gid: int | None = None):
+        self.fail_gid, self.files = fail_gid, {}
+
+    def create_memory(self, memory_id, owner, placement):
+        pass
+
+    def drop_memory(self, memory_id):
+        self.files.clear()
+
+    def write_document(self, memory_id, doc):
+        if doc.gid == self.fail_gid:
+            raise OSError("No space left on device")
+        self.files[doc.gid] = doc.router_rank
+
+    def remove_document(self, memory_id, gid):
+        self.files.pop(gid, None)
+
+
 def worker(rank: int, world: int, port: int, case: dict, results: dict):
     import torch.distributed as dist
 
@@ -75,11 +97,13 @@ def worker(rank: int, world: int, port: int, case: dict, results: dict):
         group = dist.group.WORLD
         shard = MemoryShard(rank=rank, size=world, device_group=group, cpu_group=group)
         options = MSAOptions(**case["options"])
-        store = MemoryStore(case["budgets"][rank], CHUNK, router_key_format=options.router_key_format, shard=shard)
+        backing = RecordingBacking(fail_gid=case.get("fail_write", {}).get(rank))
+        store = MemoryStore(case["budgets"][rank], CHUNK, backing, router_key_format=options.router_key_format,
+                            shard=shard)
         store.create("m")
         refusals = commit_all(store, token_tensors(7, case["docs"]), case, rank, world, shard)
         stats = store.stats("m")
-        results[rank] = (route_all(store, options, rank, world, shard), refusals, stats)
+        results[rank] = (route_all(store, options, rank, world, shard), refusals, stats, backing.files)
     finally:
         dist.destroy_process_group()
 
@@ -148,3 +172,15 @@ def test_a_document_one_rank_cannot_hold_is_refused_on_both():
     assert "another tensor-parallel rank" in refusals[0][0] and "memory budget exhausted" in refusals[1][0]
     assert results[0][2]["documents"] == results[1][2]["documents"] == case["docs"] - len(refusals[0])
     assert sum(results[rank][2]["routed_documents"] for rank in (0, 1)) == results[0][2]["documents"]
+
+
+def test_a_document_one_rank_cannot_write_is_refused_on_both():
+    case = {"options": pooled(), "docs": 12, "budgets": [BIG, BIG], "fail_write": {1: 30}}
+    results = run_world(case)
+    for rank in (0, 1):
+        _, refusals, stats, files = results[rank]
+        assert len(refusals) == 1 and "could not be written" in refusals[0]
+        assert stats["documents"] == 11 and 30 not in files  # rank 0 removed the file it had written
+        assert sorted(files) == [gid * 10 for gid in range(12) if gid != 3]
+    assert results[0][3] == results[1][3]  # the same router rank recorded for every document on both
+    assert "No space left on device" in results[1][1][0]

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from sglang_msa.memory_manager.persistence import document_tensors, read_document
 from sglang_msa.server.memory_api import METADATA_FILE
 from sglang_msa.server.metadata import DocumentRecord, MetadataStore
-from sglang_msa.server_process import start_server
+from sglang_msa.server_process import default_device, start_server
 
 pytestmark = pytest.mark.server
 
@@ -25,10 +25,10 @@ MSA_CONFIG = {"top_k_docs": 2, "chunk_size": 4, "routed_layers": "all"}
 QUESTION = "Which shelf holds the book about topic 3?"
 
 
-def launch(model, memory_dir, log):
+def launch(model, memory_dir, log, tp: int = 1):
     args = ["--max-total-tokens", "16384", "--log-level", "warning", "--msa-config", json.dumps(MSA_CONFIG),
-            "--msa-memory-dir", str(memory_dir), "--dtype", "float32"]
-    return start_server(model, "msa", extra_args=args, log_path=log)
+            "--msa-memory-dir", str(memory_dir), "--dtype", "float32", "--tp", str(tp)]
+    return start_server(model, "msa", extra_args=args, log_path=log, device=default_device(ranks=tp))
 
 
 def documents(first: int, count: int) -> list[dict]:
@@ -126,3 +126,43 @@ def test_restart_and_hard_kill_keep_exactly_the_acknowledged_documents(tiny_llam
             if doc_id not in expected:
                 requests.delete(f"{url}/v1/memories/library/documents/{doc_id}", timeout=30).raise_for_status()
         assert ask(url) == (routing, answer)
+
+
+def test_tensor_parallel_ranks_restore_their_shards(tiny_llama, tmp_path, monkeypatch):
+    """--tp 2 with a memory directory: each rank writes what it holds (its heads of every
+    document's content, the router keys of the documents it routes). Killed hard and restarted
+    with --tp 2, the server has the same documents, the same split of router keys and the same
+    answers; a document file only one rank has (an interrupted write) is removed; the directory
+    refuses another --tp with a message."""
+    if default_device(ranks=2) == "cpu":  # one CPU core per rank for SGLang's CPU engine
+        monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")
+    memory_dir, logs = tmp_path / "memories", tmp_path / "logs"
+    logs.mkdir()
+    base = documents(0, 16)
+    with launch(tiny_llama, memory_dir, logs / "first.log", tp=2) as server:
+        url = server.base_url
+        requests.post(f"{url}/v1/memories", json={"memory_id": "library"}, timeout=30).raise_for_status()
+        assert requests.post(f"{url}/v1/memories/library/documents", json={"documents": base},
+                             timeout=300).status_code == 201
+        requests.delete(f"{url}/v1/memories/library/documents/book-5", timeout=30).raise_for_status()
+        routing, answer = ask(url)
+        info = requests.get(f"{url}/v1/memories/library", timeout=30).json()
+        server.kill()
+    assert min(info["routed_documents_per_rank"]) > 0
+    expected = [d["doc_id"] for d in base if d["doc_id"] != "book-5"]
+    rank_dirs = [memory_dir / "ranks" / str(rank) / "tensors" / "library" for rank in (0, 1)]
+    assert all(len(list(d.glob("*.safetensors"))) == len(expected) for d in rank_dirs)
+    interrupted = rank_dirs[1] / "9999.safetensors"  # written by rank 1 only
+    doc = read_document(next(rank_dirs[1].glob("*.safetensors")))
+    flat, metadata = document_tensors(dataclasses.replace(doc, gid=9999))
+    save_file(flat, str(interrupted), metadata=metadata)
+
+    with launch(tiny_llama, memory_dir, logs / "second.log", tp=2) as server:
+        url = server.base_url
+        assert listed(url) == expected
+        assert requests.get(f"{url}/v1/memories/library", timeout=30).json() == info
+        assert ask(url) == (routing, answer)
+    assert not interrupted.exists()
+
+    with pytest.raises(RuntimeError, match="tensor_parallel_size"):
+        launch(tiny_llama, memory_dir, logs / "third.log", tp=1)

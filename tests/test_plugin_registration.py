@@ -97,9 +97,9 @@ def test_msa_decodes_between_prefills_unless_told_otherwise(tiny_llama):
 
 
 def test_msa_refuses_what_memory_parallel_does_not_cover_with_a_clear_message(tiny_llama):
-    """Memories shard over the tensor-parallel group only: --dp 2 and --pp 2 are refused at
-    start-up naming the flag, and so is a memory directory with --tp 2 (instead of failing later
-    in a scheduler); --tp 2 alone resolves."""
+    """Memories shard over the tensor-parallel group only: --dp 2 and --pp-size 2 are refused at
+    start-up naming the flag (instead of failing later in a scheduler); --tp 2, with or without a
+    memory directory, resolves."""
     code = (
         "import sys; from sglang.srt.plugins import load_plugins; load_plugins();"
         "from sglang.srt.server_args import prepare_server_args;"
@@ -107,8 +107,7 @@ def test_msa_refuses_what_memory_parallel_does_not_cover_with_a_clear_message(ti
         " + sys.argv[2:]); sa.resolve_once(); print('resolved')"
     )
     cases = {("--dp", "2"): "--dp 2 is not supported", ("--pp-size", "2"): "--pp-size 2 is not supported",
-             ("--tp", "2", "--msa-memory-dir", "/tmp/sglang-msa-unused"): "not supported with --tp > 1",
-             ("--tp", "2"): None}
+             ("--tp", "2"): None, ("--tp", "2", "--msa-memory-dir", "/tmp/sglang-msa-unused"): None}
     for args, refusal in cases.items():
         result = subprocess.run([sys.executable, "-c", code, str(tiny_llama), *args], capture_output=True,
                                 text=True, timeout=180)

@@ -4,6 +4,13 @@
     <memory_dir>/tensors/<memory_id>/memory.json         the memory's owner tenant (API keys)
     <memory_dir>/tensors/<memory_id>/<gid>.safetensors   one committed document, all routed layers
 
+Under tensor parallelism (`--tp N`) each rank keeps what it holds (its KV heads of every
+document's content, and the router keys of the documents it routes) under
+`<memory_dir>/ranks/<rank>/tensors/…`, and the manifest names the number of ranks, so the
+directory is only reopened with the same `--tp`. At start-up the ranks keep the documents every
+one of them has (`common_to_all_ranks`): a document is acknowledged only after every rank wrote
+it, so one that some rank lacks was interrupted and is removed.
+
 A document file is written to a temporary name, fsynced, renamed into place and its directory
 fsynced before the document becomes visible to routing, so a file under its final name is always
 complete. Metadata (which documents were acknowledged, their ids and texts) lives in the HTTP
@@ -24,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from sglang_msa.memory_manager.store import (
     LAYER_TENSOR_NAMES,
+    ROUTER_KEY_NAMES,
     ArchivedMemory,
     LayerTensors,
     MemoryOperationError,
@@ -61,18 +69,22 @@ def write_atomically(path: Path, write) -> None:
     fsync_directory(path.parent)
 
 
-def document_tensors(doc: StoredDocument) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def document_tensors(doc: StoredDocument, router_keys: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Flat tensors and string metadata of a document (router keys that are the pooled keys
-    themselves, as in training-free mode, are stored once)."""
+    themselves, as in training-free mode, are stored once; without `router_keys`, not at all:
+    another rank routes the document)."""
     tensors, shared = {}, []
     for layer, parts in doc.layers.items():
         for name, tensor in parts.tensors().items():
+            if name in ROUTER_KEY_NAMES and not router_keys:
+                continue
             if name == "router_k" and tensor is parts.pooled_k:
                 shared.append(str(layer))
                 continue
             tensors[f"{layer}.{name}"] = tensor.contiguous()
     metadata = {"format": FORMAT, "gid": str(doc.gid), "num_tokens": str(doc.num_tokens),
-                "num_chunks": str(doc.num_chunks), "router_is_pooled_k": ",".join(shared)}
+                "num_chunks": str(doc.num_chunks), "router_is_pooled_k": ",".join(shared),
+                "router_rank": str(doc.router_rank)}
     return tensors, metadata
 
 
@@ -92,15 +104,20 @@ def read_document(path: Path) -> StoredDocument:
             parts["router_k"] = parts["pooled_k"]
         layers[layer] = LayerTensors(**parts)
     return StoredDocument(gid=int(metadata["gid"]), num_tokens=int(metadata["num_tokens"]),
-                          num_chunks=int(metadata["num_chunks"]), layers=layers)
+                          num_chunks=int(metadata["num_chunks"]), layers=layers,
+                          router_rank=int(metadata.get("router_rank", 0)))
 
 
 class DocumentArchive:
-    """Committed documents' tensors under a memory directory (one file per document)."""
+    """Committed documents' tensors under a memory directory (one file per document); with
+    `ranks` > 1, those of tensor-parallel rank `rank`."""
 
-    def __init__(self, root: str | Path, fingerprint: dict):
+    def __init__(self, root: str | Path, fingerprint: dict, rank: int = 0, ranks: int = 1):
         self.root = Path(root)
-        self.tensors_dir = self.root / "tensors"
+        self.rank = rank
+        if ranks > 1:
+            fingerprint = {**fingerprint, "tensor_parallel_size": ranks}
+        self.tensors_dir = self.root / "ranks" / str(rank) / "tensors" if ranks > 1 else self.root / "tensors"
         self.tensors_dir.mkdir(parents=True, exist_ok=True)
         manifest = self.root / "manifest.json"
         if manifest.exists():
@@ -144,7 +161,7 @@ class DocumentArchive:
         directory = self.memory_dir(memory_id)
         if not directory.is_dir():
             raise MemoryOperationError(f"memory {memory_id!r} does not exist", 404)
-        tensors, metadata = document_tensors(doc)
+        tensors, metadata = document_tensors(doc, router_keys=doc.router_rank == self.rank)
         write_atomically(self.document_path(memory_id, doc.gid),
                          lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -173,3 +190,27 @@ class DocumentArchive:
             memories[directory.name] = ArchivedMemory(description["owner"], sorted(docs, key=lambda doc: doc.gid),
                                                       description.get("placement", "auto"))
         return memories
+
+
+def common_to_all_ranks(memories: dict[str, ArchivedMemory], archive: DocumentArchive,
+                        everyone: list[dict[str, list[int]]]) -> dict[str, ArchivedMemory]:
+    """The memories and documents every tensor-parallel rank holds (`everyone`: each rank's
+    memory ids and gids); what only some ranks hold is removed from this rank's archive."""
+    common = {memory_id: set.intersection(*(set(contents[memory_id]) for contents in everyone))
+              for memory_id in set.intersection(*(set(contents) for contents in everyone))}
+    kept = {}
+    for memory_id, archived in memories.items():
+        if memory_id not in common:
+            logger.warning("sglang-msa: memory %r is not on every rank (interrupted creation): removed", memory_id)
+            archive.drop_memory(memory_id)
+            continue
+        documents = []
+        for doc in archived.documents:
+            if doc.gid in common[memory_id]:
+                documents.append(doc)
+            else:
+                logger.warning("sglang-msa: document %d of %r is not on every rank (interrupted write): removed",
+                               doc.gid, memory_id)
+                archive.remove_document(memory_id, doc.gid)
+        kept[memory_id] = archived._replace(documents=documents)
+    return kept

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from sglang_msa.config import MSAOptions, load_options
 from sglang_msa.memory_manager import grants, protocol
-from sglang_msa.memory_manager.persistence import DocumentArchive
+from sglang_msa.memory_manager.persistence import DocumentArchive, common_to_all_ranks
 from sglang_msa.memory_manager.sharding import MemoryShard
 from sglang_msa.memory_manager.requests import (
     CUSTOM_PARAMS_KEY,
@@ -145,7 +145,9 @@ class MemoryService:
         fingerprint = {**self.facts.model_identity, "routed_layers": self.routed_layers,
                        "chunk_size": options.chunk_size, "memory_content": options.memory_content,
                        "msa_checkpoint": self.facts.is_msa_checkpoint}
-        return DocumentArchive(options.memory_dir, fingerprint)
+        if self.shard is None:
+            return DocumentArchive(options.memory_dir, fingerprint)
+        return DocumentArchive(options.memory_dir, fingerprint, rank=self.shard.rank, ranks=self.shard.size)
 
     def restore_memories(self) -> None:
         """Load what the memory directory holds (start-up)."""
@@ -153,6 +155,10 @@ class MemoryService:
         if archive is None:
             return
         memories = archive.load()
+        if self.shard is not None:  # only what every rank wrote (an interrupted write is on some ranks)
+            everyone = self.shard.gather_objects({memory_id: [doc.gid for doc in memory.documents]
+                                                  for memory_id, memory in memories.items()})
+            memories = common_to_all_ranks(memories, archive, everyone)
         self.store.restore(memories)
         logger.info("sglang-msa: restored %d memories, %d documents (%.1f MiB) from %s", len(memories),
                     sum(len(memory.documents) for memory in memories.values()), self.store.used_bytes() / 2**20,

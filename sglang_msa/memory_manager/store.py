@@ -21,7 +21,7 @@ reads during forward) share the store under one lock; readers take immutable sna
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple, Protocol
 
 import torch
@@ -61,6 +61,7 @@ class LayerTensors:
 
 
 LAYER_TENSOR_NAMES = tuple(f.name for f in fields(LayerTensors))
+ROUTER_KEY_NAMES = ("router_k", "router_k_scale")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class StoredDocument:
     gid: int
     num_tokens: int
     num_chunks: int
-    layers: dict[int, LayerTensors]
+    layers: dict[int, LayerTensors]  # router keys absent (None) where another rank routes it, read back
+    router_rank: int = 0  # the tensor-parallel rank that routes it (set at commit)
 
     def nbytes(self) -> int:
         return sum(tensors.nbytes() for tensors in self.layers.values())
@@ -234,13 +236,31 @@ class MemoryStore:
             if doc.gid in memory.documents:
                 raise MemoryOperationError(f"document {doc.gid} already exists in memory {memory_id!r}", 409)
             placed = self._place_everywhere(memory, doc)
+            doc = replace(doc, router_rank=placed.router_rank)
             try:
                 if self.backing is not None:
-                    self.backing.write_document(memory_id, doc)
+                    self._write_everywhere(memory_id, doc)
                 self._publish(memory, placed, doc)
             except BaseException:
                 self.slots.release(placed)
                 raise
+
+    def _write_everywhere(self, memory_id: str, doc: StoredDocument) -> None:
+        """Write the document to the backing; sharded, every rank must succeed, or none keeps it."""
+        if self.shard is None:
+            self.backing.write_document(memory_id, doc)
+            return
+        try:
+            self.backing.write_document(memory_id, doc)
+            failure = None
+        except Exception as exc:  # a full disk on one rank: refused on all, not a crash
+            failure = exc
+        if self.shard.agree(failure is None):
+            return
+        if failure is None:
+            self.backing.remove_document(memory_id, doc.gid)
+        raise MemoryOperationError(f"document {doc.gid} could not be written to the memory directory on every "
+                                   f"tensor-parallel rank{f': {failure}' if failure else ''}", 500)
 
     def restore(self, memories: dict[str, ArchivedMemory]) -> None:
         """Load memories read back from the backing (start-up). A directory holding more than the
@@ -250,7 +270,7 @@ class MemoryStore:
                 memory = self._memories.setdefault(memory_id, Memory(memory_id, archived.owner, archived.placement))
                 for doc in archived.documents:
                     try:
-                        placed = self._place(memory, doc)
+                        placed = self._place(memory, doc, router_rank=doc.router_rank)
                     except MemoryOperationError as exc:
                         raise MemoryOperationError(
                             f"the memory directory holds more than this server's budgets: {exc}; start with larger "
@@ -278,13 +298,16 @@ class MemoryStore:
         raise refusal or MemoryOperationError(
             "memory budget exhausted on another tensor-parallel rank (its router keys or content slots are full)", 507)
 
-    def _place(self, memory: Memory, doc: StoredDocument) -> DocumentSlots:
+    def _place(self, memory: Memory, doc: StoredDocument, router_rank: int | None = None) -> DocumentSlots:
+        """Slots for `doc`; its router keys go to `router_rank`, by default the rank routing the
+        fewest chunks."""
         if self.slots is None:
             self.reserve(SlotLayout.of_document(doc, self.chunk_size, self.router_key_format))
         if tuple(sorted(doc.layers)) != self.slots.layout.layers:
             raise ValueError(f"document {doc.gid} has routed layers {sorted(doc.layers)}, "
                              f"the store {list(self.slots.layout.layers)}")
-        router_rank = min(range(len(self._routed_chunks)), key=lambda r: (self._routed_chunks[r], r))
+        if router_rank is None:
+            router_rank = min(range(len(self._routed_chunks)), key=lambda r: (self._routed_chunks[r], r))
         my_rank = self.shard.rank if self.shard is not None else 0
         try:
             return self.slots.place(doc.gid, doc.num_tokens, doc.num_chunks, memory.placement,
