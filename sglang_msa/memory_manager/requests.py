@@ -180,12 +180,16 @@ class RequestRegistry:
             self.on_leave(state)
         return state
 
-    def clear(self) -> None:
+    def pop_prefixed(self, prefix: str) -> int:
+        """Remove every state whose rid starts with `prefix` (SGLang's abort matching; "" is all
+        of them); how many left."""
         with self._lock:
-            states, self._states = list(self._states.values()), {}
+            rids = [rid for rid in self._states if rid.startswith(prefix)]
+            states = [self._states.pop(rid) for rid in rids]
         for state in states:
             if self.on_leave is not None:
                 self.on_leave(state)
+        return len(states)
 
     def _expire(self) -> None:
         deadline = time.monotonic() - self.ttl_s

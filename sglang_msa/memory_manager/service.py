@@ -113,7 +113,9 @@ class MemoryService:
                                  host_budget_bytes=int(options.host_memory_budget_mb * 2**20),
                                  router_key_format=options.router_key_format, shard=shard)
         self._pending: queue.Queue[tuple[bytes, Future]] = queue.Queue()  # rank 0, sharded: for the next step
-        self._in_flight: list[Future] = []  # rank 0, sharded: waiters of the batch being broadcast
+        # rank 0, sharded: waiters of the batch being broadcast (one message at a time: the
+        # control socket is REQ/REP, so its thread waits for each reply before the next message)
+        self._in_flight: list[Future] = []
         if facts.kv_geometry is not None:
             self.store.reserve(self.slot_layout(facts.kv_geometry))
         self.registry = RequestRegistry(on_leave=self._release_state)
@@ -315,12 +317,11 @@ class MemoryService:
         return summed
 
     def release_aborted(self, rid: str, abort_all: bool) -> None:
-        """SGLang aborted the request (its client went away, or an abort was asked): its state,
-        and the pins of its selections, go now; nobody will take its report."""
-        if abort_all:
-            self.registry.clear()
-        else:
-            self.registry.pop(rid)
+        """SGLang aborted the requests whose rid starts with `rid` (their client went away, or an
+        abort was asked), or all of them: their states, and the pins of their selections, go now;
+        nobody will take their reports."""
+        if abort_all or rid:
+            self.registry.pop_prefixed("" if abort_all else rid)
 
     def take_report(self, rid: str) -> dict:
         state = self.registry.pop(rid)
