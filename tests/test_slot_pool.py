@@ -5,6 +5,7 @@ written, placements decide the tier, and a full tier is refused with the budget 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from sglang_msa.kernels import reference as ref
 from sglang_msa.kernels.routing_scan import quantize_fp8
 from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, MemoryStore, StoredDocument
-from sglang_msa.memory_manager.tiers import SlotLayout
+from sglang_msa.memory_manager.tiers import SlotLayout, TierCapacity
 
 HKV, D, CHUNK, LAYERS = 2, 8, 4, (1, 3)
 
@@ -218,3 +219,66 @@ def test_msa_4b_bytes_per_token_are_the_specs():
                         dtype=torch.bfloat16, router_dtype=torch.bfloat16, router_is_pooled_k=False, full=False,
                         device=torch.device("cpu"))
     assert layout.key_bytes_per_chunk() / 64 == 576 and layout.content_bytes_per_chunk() / 64 == 1152
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+@pytest.mark.parametrize("device_mb, host_mb", [(256, 0), (160, 256)])
+def test_sharded_key_pools_stay_within_the_device_budget(shards, device_mb, host_mb):
+    """Under --tp N a rank keeps its heads of the content and about 1/N of the router keys (all
+    heads) plus one longest document of headroom: the pools it reserves never exceed the
+    budgets, and the content the group can hold grows with N."""
+    layout = SlotLayout(layers=tuple(range(18)), chunk_size=64, kv_heads=8 // shards, head_dim=128, v_head_dim=128,
+                        dtype=torch.bfloat16, router_dtype=torch.bfloat16, router_is_pooled_k=False, full=False,
+                        device=torch.device("cpu"), router_heads=8, key_shards=shards, max_document_chunks=64)
+    capacity = TierCapacity.from_budgets(layout, device_mb << 20, host_mb << 20)
+    device_use = capacity.key_chunks * layout.key_bytes_per_chunk() + capacity.device_chunks * layout.content_bytes_per_chunk()
+    assert device_use <= device_mb << 20
+    assert capacity.host_chunks * layout.content_bytes_per_chunk() <= host_mb << 20
+    if shards > 1:
+        single = TierCapacity.from_budgets(dataclasses.replace(layout, kv_heads=8, key_shards=1, max_document_chunks=0),
+                                           device_mb << 20, host_mb << 20)
+        assert capacity.device_chunks + capacity.host_chunks > 1.5 * (single.device_chunks + single.host_chunks)
+
+
+class OneRankOf:
+    """Rank 0's view of a group of `size` ranks that always agree (each rank places alike)."""
+
+    def __init__(self, size: int):
+        self.rank, self.size = 0, size
+
+    def agree(self, ok: bool) -> bool:
+        return ok
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_a_sharded_rank_never_runs_out_of_key_slots_before_content_slots(shards):
+    """Documents of 1..16 chunks added and deleted at random: the rank's router-key pool (its
+    share plus one document of headroom) never refuses a document its content pools can hold."""
+    chunk, max_chunks = 4, 16
+    rng = random.Random(shards)
+    store = MemoryStore(64 << 10, chunk, shard=OneRankOf(shards))
+    store.reserve(SlotLayout(layers=(0, 1), chunk_size=chunk, kv_heads=1, head_dim=8, v_head_dim=8,
+                             dtype=torch.float32, router_dtype=torch.float32, router_is_pooled_k=False, full=False,
+                             device=torch.device("cpu"), router_heads=shards, key_shards=shards,
+                             max_document_chunks=max_chunks))
+    store.create("m")
+    content = store.slots.chunk_pools["device"]
+    live, gid, refused = [], 0, 0
+    for _ in range(3000):
+        if live and rng.random() < 0.4:
+            store.remove_document("m", live.pop(rng.randrange(len(live))))
+            continue
+        chunks = rng.randint(1, max_chunks)
+        layers = {layer: LayerTensors(pooled_k=torch.zeros(chunks, 1, 8), pooled_v=torch.zeros(chunks, 1, 8),
+                                      router_k=torch.zeros(chunks, shards, 8)) for layer in (0, 1)}
+        try:
+            store.commit_document("m", StoredDocument(gid=gid, num_tokens=chunks * chunk, num_chunks=chunks,
+                                                      layers=layers))
+            live.append(gid)
+        except MemoryOperationError:
+            refused += 1
+            assert content.available() < chunks  # refused only when the content is full, never for keys
+        gid += 1
+    assert refused > 0 and store.stats("m")["routed_documents"] < len(live)  # it filled up; others route some
+
+

@@ -121,15 +121,16 @@ class TierCapacity:
         (documents go to the rank with the fewest), plus one longest document of headroom."""
         key, content, shards = layout.key_bytes_per_chunk(), layout.content_bytes_per_chunk(), layout.key_shards
         headroom = layout.max_document_chunks if shards > 1 else 0
-        key_share = -(-key // shards)
+        key_share = -(-key // shards)  # a chunk's router keys, amortised over the ranks
         host_chunks = host_bytes // content
-        if (host_chunks + headroom) * key_share > device_bytes:
+        keys_of_host_chunks = host_chunks * key_share + headroom * key
+        if keys_of_host_chunks > device_bytes:
             raise ValueError(
                 f"sglang-msa: host_memory_budget_mb holds {host_chunks} chunks whose router keys need "
-                f"{host_chunks * key_share / 2**20:.0f} MiB on the device, more than memory_budget_mb "
+                f"{keys_of_host_chunks / 2**20:.0f} MiB on the device, more than memory_budget_mb "
                 f"({device_bytes / 2**20:.0f} MiB); raise memory_budget_mb or lower host_memory_budget_mb"
             )
-        device_chunks = (device_bytes - (host_chunks + headroom) * key_share) // (key_share + content)
+        device_chunks = (device_bytes - keys_of_host_chunks) // (key_share + content)
         key_chunks = device_chunks + host_chunks if shards == 1 else -(-(device_chunks + host_chunks) // shards) + headroom
         return cls(device_chunks=device_chunks, host_chunks=host_chunks, key_chunks=key_chunks)
 
