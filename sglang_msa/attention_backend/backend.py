@@ -38,6 +38,8 @@ class MSAAttnBackend(TorchNativeAttnBackend):
         super().__init__(model_runner)
         tensor_parallel = (getattr(model_runner.server_args, "tp_size", 1) or 1) > 1
         self.shard = MemoryShard.of_tensor_parallel_group() if tensor_parallel else None
+        self.route = memory_ops.route if self.shard is None else functools.partial(memory_ops.route_sharded,
+                                                                                   shard=self.shard)
         self.service = start_service(_model_facts(model_runner, self.token_to_kv_pool), model_runner.server_args.port,
                                      shard=self.shard)
         self.routed_layers = frozenset(self.service.routed_layers)
@@ -109,9 +111,7 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                     routing_queries = torch.cat(
                         [queries[start - request.prefix_len : end - request.prefix_len] for start, end in spans]
                     )
-                    route = memory_ops.route if self.shard is None else functools.partial(
-                        memory_ops.route_sharded, shard=self.shard)
-                    state.selections[layer.layer_id] = route(
+                    state.selections[layer.layer_id] = self.route(
                         self.service.store, state.params.memory_id, layer.layer_id, routing_queries, options,
                         key_buffer, self.kernels,
                     )

@@ -176,8 +176,7 @@ class RequestRegistry:
     def pop(self, rid: str) -> QueryState | IngestState | None:
         with self._lock:
             state = self._states.pop(rid, None)
-        if state is not None and self.on_leave is not None:
-            self.on_leave(state)
+        self._left([state] if state is not None else [])
         return state
 
     def pop_prefixed(self, prefix: str) -> int:
@@ -186,14 +185,15 @@ class RequestRegistry:
         with self._lock:
             rids = [rid for rid in self._states if rid.startswith(prefix)]
             states = [self._states.pop(rid) for rid in rids]
-        for state in states:
-            if self.on_leave is not None:
-                self.on_leave(state)
+        self._left(states)
         return len(states)
+
+    def _left(self, states: list) -> None:
+        if self.on_leave is not None:
+            for state in states:
+                self.on_leave(state)
 
     def _expire(self) -> None:
         deadline = time.monotonic() - self.ttl_s
-        for rid in [rid for rid, state in self._states.items() if state.last_access < deadline]:
-            state = self._states.pop(rid)
-            if self.on_leave is not None:
-                self.on_leave(state)
+        self._left([self._states.pop(rid) for rid in
+                    [rid for rid, state in self._states.items() if state.last_access < deadline]])

@@ -13,8 +13,9 @@ attention heads. Memories are shared over that group so:
   rank scores its shard and keeps its local top-k, the (score, gid) candidates are all-gathered
   and every rank takes the same global top-k of world × k candidates (ties to the lower gid).
 
-Every method is a collective over the group: all ranks call it in the same order, which the
-scheduler guarantees (same batch, same layers, control messages broadcast in the same step).
+Every method but the constructor is a collective over the group: all ranks call it in the same
+order, which the scheduler guarantees (same batch, same layers, control messages broadcast in
+the same step).
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ pool and the device content pools; the host budget (`host_memory_budget_mb`) hol
 content pools. The key pool has a slot for every chunk of either tier, so
   host chunks   C_h = host budget / (content bytes per chunk)
   device chunks C_d = (device budget - C_h · key bytes per chunk) / (key + content bytes per chunk).
+Under tensor parallelism over N ranks (`key_shards`) a rank keeps the router keys of about 1/N of
+the chunks, plus one longest document of headroom: the formulas use key bytes / N per chunk, and
+the headroom's keys at full size.
 Full-resolution token pools get P slots per chunk slot (a document of n tokens has ceil(n/P)
 chunks, so its tokens always fit when its chunks do).
 
@@ -143,7 +146,7 @@ class DocumentSlots:
     num_tokens: int
     num_chunks: int
     tier: Tier
-    key_slots: torch.Tensor  # [num_chunks] int64 slots of the key pool (device); [0] where another rank routes it
+    key_slots: torch.Tensor  # [num_chunks] int64 slots of the key pool (device); empty where another rank routes it
     chunk_slots: torch.Tensor  # [num_chunks] slots of the tier's chunk-content pool
     token_slots: torch.Tensor | None  # [num_tokens] slots of the tier's token pool (full resolution)
     router_rank: int = 0  # the rank holding its router keys (Memory Parallel); 0 with one rank
