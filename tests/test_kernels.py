@@ -19,6 +19,7 @@ CASES = {
     "routing_scan_check.py": 4 * 3 * 2 * 2 * 3 * 2 + 4 * 3 * 6,  # + reading keys through pool slots
     "indexed_attention_check.py": 4 * 2 * 2,
     "pooling_check.py": 4 * 2,
+    "selection_gather_check.py": 3 * 2,  # device- and host-tier memories, read through the store
 }
 
 

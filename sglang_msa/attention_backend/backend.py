@@ -6,9 +6,11 @@ exactly `--attention-backend torch_native`. Then, in the routed layers only:
 
 - a document ingestion whose prefill completes in this pass has its K (after RoPE), V and router
   keys read back from the pool and mean-pooled into its memory (`sglang_msa.memory_manager`);
-- a memory query routes once at prefill over its own memory's router keys, freezes the
-  selection, and its tokens after the template are recomputed as attention over
-  [template ; selected documents ; local causal context], merged by log-sum-exp.
+- a memory query routes once at prefill over its own memory's router keys (before the layer's
+  dense attention, so that on a GPU the selected content, host-tier rows included, is gathered
+  on a side stream while the dense attention runs), freezes the selection, and its tokens after
+  the template are recomputed as attention over [template ; selected documents ; local causal
+  context], merged by log-sum-exp.
 
 With `kernels="torch"` (the default on a CPU) every step is the pure-PyTorch math of
 `sglang_msa.kernels.reference`; with `kernels="triton"` (the default on a GPU) pooling, routing
@@ -59,17 +61,50 @@ class MSAAttnBackend(TorchNativeAttnBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, router_q=None, router_k=None,
                        **kwargs):
+        self._route_queries(q.reshape(q.shape[0], -1), layer, router_q)
         out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        return self._apply_memory(out, q, layer, router_q, router_k)
+        return self._apply_memory(out, q, layer, router_k)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, router_q=None, router_k=None,
                        **kwargs):
+        self._route_queries(q.reshape(q.shape[0], -1), layer, router_q)
         out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        return self._apply_memory(out, q.reshape(out.shape[0], -1), layer, router_q, router_k)
+        return self._apply_memory(out, q.reshape(out.shape[0], -1), layer, router_k)
 
-    def _apply_memory(self, out, q, layer, router_q=None, router_k=None):
-        """router_q [tokens, H·d] / router_k [tokens, Hkv·d]: the MSA router projections of this
-        pass's tokens (MSA checkpoints); None in training-free mode (route on q and pooled K)."""
+    def _route_queries(self, q, layer, router_q=None):
+        """Route the memory queries that have not routed in this layer yet (their prefill), before
+        the layer's dense attention: on a GPU their selected rows are gathered on a side stream
+        (`memory_ops.read_selection`), so host-tier content crosses PCIe while the dense pass runs.
+
+        q [tokens, H·d]; router_q [tokens, H·d]: the MSA router projections of this pass's tokens
+        (MSA checkpoints), None in training-free mode (route on q)."""
+        plan = self.plan
+        if plan is None or layer.layer_id not in self.routed_layers:
+            return
+        key_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        for request in plan.queries:
+            state = request.state
+            if layer.layer_id in state.selections:
+                continue
+            spans = state.routing_spans
+            if not (request.prefix_len <= spans[0][0] and spans[-1][1] <= request.seq_len):
+                logger.error("sglang-msa: request's routing spans are not in this pass; it gets no memory")
+                state.selections[layer.layer_id] = memory_ops.empty_selection(key_buffer)
+                continue
+            rows = slice(request.token_start, request.token_start + request.num_new)
+            queries = (q if router_q is None else router_q)[rows].view(request.num_new, layer.tp_q_head_num, -1)
+            routing_queries = torch.cat(
+                [queries[start - request.prefix_len : end - request.prefix_len] for start, end in spans]
+            )
+            state.selections[layer.layer_id] = self.route(
+                self.service.store, state.params.memory_id, layer.layer_id, routing_queries, self.service.options,
+                key_buffer, self.kernels,
+            )
+
+    def _apply_memory(self, out, q, layer, router_k=None):
+        """Pool the documents whose prefill completes in this pass and recompute the memory
+        queries' rows of `out` as MSA attention. router_k [tokens, Hkv·d]: the MSA router key
+        projections of this pass's tokens (MSA checkpoints); None in training-free mode."""
         plan = self.plan
         if plan is None or layer.layer_id not in self.routed_layers:
             return out
@@ -95,26 +130,6 @@ class MSAAttnBackend(TorchNativeAttnBackend):
             )
             if layer.layer_id == self.last_routed_layer:
                 memory_ops.commit_ingestion(self.service.store, state)
-        for request in plan.queries:
-            rows = slice(request.token_start, request.token_start + request.num_new)
-            q_request = q[rows].view(request.num_new, layer.tp_q_head_num, layer.qk_head_dim)
-            state = request.state
-            if layer.layer_id not in state.selections:
-                spans = state.routing_spans
-                if not (request.prefix_len <= spans[0][0] and spans[-1][1] <= request.seq_len):
-                    logger.error("sglang-msa: request's routing spans are not in this pass; it gets no memory")
-                    state.selections[layer.layer_id] = memory_ops.empty_selection(key_buffer)
-                else:
-                    queries = q_request if router_q is None else router_q[rows].view(
-                        request.num_new, layer.tp_q_head_num, -1
-                    )
-                    routing_queries = torch.cat(
-                        [queries[start - request.prefix_len : end - request.prefix_len] for start, end in spans]
-                    )
-                    state.selections[layer.layer_id] = self.route(
-                        self.service.store, state.params.memory_id, layer.layer_id, routing_queries, options,
-                        key_buffer, self.kernels,
-                    )
         if self.context is not None:
             selections = [request.state.selections[layer.layer_id] for request in self.context.requests]
             attend_batch(q, out, layer, self.context, selections, key_buffer, value_buffer, self.memory_rows)

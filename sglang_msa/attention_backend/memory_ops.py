@@ -148,8 +148,33 @@ def read_selection(
             rows = SlotRows(key_buffer, value_buffer, slots.to(device=like.device, dtype=torch.int32))
             store.pin(docs)  # released with the request's state (service._release_state)
             return LayerSelection(gids=gids, scores=scores, memory_k=None, memory_v=None, in_place=rows, pinned=docs)
-    memory_k, memory_v = store.content(docs, layer_id, options.memory_content, like.device)
-    return LayerSelection(gids=gids, scores=scores, memory_k=memory_k.to(like.dtype), memory_v=memory_v.to(like.dtype))
+    if like.device.type != "cuda":
+        memory_k, memory_v = store.content(docs, layer_id, options.memory_content, like.device)
+        return LayerSelection(gids=gids, scores=scores, memory_k=memory_k.to(like.dtype),
+                              memory_v=memory_v.to(like.dtype))
+    # On a GPU the rows are gathered (host-tier ones copied from pinned memory) on a side stream,
+    # so the copy runs while the layer's dense attention does; readers wait on `ready`.
+    reader, side = torch.cuda.current_stream(like.device), _gather_stream(like.device)
+    side.wait_stream(reader)  # device-tier rows written by commits queued before this read
+    with torch.cuda.stream(side):
+        memory_k, memory_v = store.content(docs, layer_id, options.memory_content, like.device)
+        memory_k, memory_v = memory_k.to(like.dtype), memory_v.to(like.dtype)
+        ready = torch.cuda.Event()
+        ready.record(side)
+    memory_k.record_stream(reader)  # freed rows are not reused before the reader is done
+    memory_v.record_stream(reader)
+    return LayerSelection(gids=gids, scores=scores, memory_k=memory_k, memory_v=memory_v, ready=ready)
+
+
+_gather_streams: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _gather_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The side stream that gathers selected rows on `device` (one per device)."""
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if device not in _gather_streams:
+        _gather_streams[device] = torch.cuda.Stream(device)
+    return _gather_streams[device]
 
 
 def attend(

@@ -84,7 +84,9 @@ class SlotRows:
 class LayerSelection:
     """What one routed layer selected for one request, frozen for its decode steps: the rows
     gathered (`memory_k` / `memory_v`), or, for the Triton path over device-tier content, where
-    they are (`in_place`)."""
+    they are (`in_place`). Rows gathered on a GPU are written on a side stream (host-tier content
+    crosses PCIe while the layer's dense attention runs); `ready` marks their end, and
+    `gathered()` orders the reader's stream after it."""
 
     gids: list[int]
     scores: list[float]
@@ -92,14 +94,17 @@ class LayerSelection:
     memory_v: torch.Tensor | None
     in_place: SlotRows | None = None
     pinned: list = field(default_factory=list)  # store documents kept from slot reuse while this is read in place
+    ready: "torch.cuda.Event | None" = None  # recorded on the side stream after memory_k / memory_v are written
 
     @property
     def num_rows(self) -> int:
         return self.in_place.slots.shape[0] if self.in_place is not None else self.memory_k.shape[0]
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows as tensors of their own."""
+        """The rows as tensors of their own, readable on the current stream."""
         if self.in_place is None:
+            if self.ready is not None:
+                torch.cuda.current_stream(self.memory_k.device).wait_event(self.ready)
             return self.memory_k, self.memory_v
         slots = self.in_place.slots.long()
         return self.in_place.key_buffer[slots], self.in_place.value_buffer[slots]

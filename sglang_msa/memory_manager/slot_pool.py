@@ -12,7 +12,10 @@ any document, so a pool never refuses a document while it has as many free slots
 Buffers are allocated once, at their full capacity: when the backend starts (from the KV pool's
 shapes), or with a store's first document when nothing reserved them; `torch.empty`, so host
 memory is committed by the pages written, and the device budget is the one the plugin takes out
-of SGLang's `mem_fraction_static`.
+of SGLang's `mem_fraction_static`. Host buffers are pageable: pinning them would lock the whole
+capacity at start-up (and PyTorch's pinned allocator rounds each buffer up to a power of two);
+only the rows a read gathers land in pinned memory (`pin_reads`), which is what the
+asynchronous copy to a GPU needs.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class SlotPool:
     """Per-field buffers of `capacity` slots in every routed layer, with SGLang's slot allocator."""
 
     def __init__(self, name: str, capacity: int, layers: tuple[int, ...], fields: list[FieldSpec],
-                 device: torch.device, pin_memory: bool = False):
+                 device: torch.device, pin_reads: bool = False):
         from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
         self.name = name
@@ -47,11 +50,10 @@ class SlotPool:
         self.layer_index = {layer: i for i, layer in enumerate(layers)}
         self.fields = {spec.name: spec for spec in fields}
         self.device = torch.device(device)
-        self.pinned = pin_memory
+        self.pin_reads = pin_reads
         try:
             self.buffers = {
-                spec.name: torch.empty((len(layers), capacity + 1, *spec.row_shape), dtype=spec.dtype, device=device,
-                                       pin_memory=pin_memory)
+                spec.name: torch.empty((len(layers), capacity + 1, *spec.row_shape), dtype=spec.dtype, device=device)
                 for spec in fields
             }
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
@@ -95,11 +97,11 @@ class SlotPool:
             _bytes_of(buffer[self.layer_index[layer]]).index_copy_(0, index, _bytes_of(rows))
 
     def read(self, name: str, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """The rows at `slots` in `layer` (a copy, on the pool's device; in pinned memory when the
-        pool is, so that the copy to a GPU does not block the host)."""
+        """The rows at `slots` in `layer` (a copy, on the pool's device; in pinned memory with
+        `pin_reads`, so that the copy to a GPU does not block the host)."""
         buffer = _bytes_of(self.buffers[name][self.layer_index[layer]])
         out = torch.empty((slots.shape[0], *buffer.shape[1:]), dtype=buffer.dtype, device=self.device,
-                          pin_memory=self.pinned)
+                          pin_memory=self.pin_reads)
         torch.index_select(buffer, 0, slots.to(self.device), out=out)
         return out.view(self.fields[name].dtype)
 

@@ -2,8 +2,9 @@
 
 Spec §8: routing reads every router key of a memory per query, so router keys always live in the
 device's key pool; the content of documents (pooled K̄ / V̄, and full-resolution K / V in that
-mode) is only read for the selected documents, so it can live in host memory (pinned when a GPU
-is present) and be copied to the device for the selected documents only. Each memory has a
+mode) is only read for the selected documents, so it can live in host memory and be copied to
+the device for the selected documents only (gathered into pinned memory when a GPU is present,
+so the copy is asynchronous). Each memory has a
 placement: `device`, `host`, or `auto` (the device while its content pool has room, then the
 host). A document that fits nowhere is refused with 507 and a message naming the budget.
 
@@ -168,12 +169,12 @@ class MemorySlots:
         self.keys = SlotPool("keys", self.capacity.key_chunks, layout.layers, layout.key_fields(), device)
         self.chunk_pools = {
             tier: SlotPool(f"{tier} chunks", chunks[tier], layout.layers, layout.chunk_fields(),
-                           device if tier == "device" else host, pin_memory=pin and tier == "host")
+                           device if tier == "device" else host, pin_reads=pin and tier == "host")
             for tier in ("device", "host")
         }
         self.token_pools = {
             tier: SlotPool(f"{tier} tokens", chunks[tier] * layout.chunk_size, layout.layers, layout.token_fields(),
-                           device if tier == "device" else host, pin_memory=pin and tier == "host")
+                           device if tier == "device" else host, pin_reads=pin and tier == "host")
             for tier in ("device", "host")
         } if layout.full else {}
         logger.warning(
@@ -271,8 +272,8 @@ class MemorySlots:
     def read_content(self, docs: list[DocumentSlots], layer: int, content: str,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V rows of `docs` in `layer`, back to back in their order, on `device`: pooled
-        chunks, or full-resolution tokens (`content="full"`). Host-tier rows are gathered in host
-        memory and copied to the device (asynchronously from pinned memory)."""
+        chunks, or full-resolution tokens (`content="full"`). Host-tier rows are gathered into
+        pinned host memory and copied to the device asynchronously."""
         parts_k, parts_v = [], []
         for run in _runs_by_tier(docs):
             tier = run[0].tier
@@ -333,8 +334,8 @@ def _runs_by_tier(docs: list[DocumentSlots]) -> list[list[DocumentSlots]]:
 
 
 def _to_device(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Rows gathered by a pool, on `device`: from pinned host memory without blocking the host
-    (the copy is ordered on the current stream before the attention that reads it)."""
+    """Rows gathered by a pool, on `device`: from pinned host memory without blocking the host,
+    on the current stream (`memory_ops.read_selection`'s side stream when serving on a GPU)."""
     if rows.device == torch.device(device):
         return rows
     return rows.to(device, non_blocking=rows.is_pinned())
