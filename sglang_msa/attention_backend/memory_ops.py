@@ -116,12 +116,12 @@ def top_documents(view: RoutingView, router_q: torch.Tensor, options: MSAOptions
         request = routing_scan.RoutingRequest(router_q=router_q, chunk_start=0, chunk_end=view.layout.num_chunks,
                                               num_docs=len(view.gids))
         plan = routing_scan.RoutingPlan.build([request], router_q.device, *reductions)
-        doc_scores = routing_scan.scan_layer(plan, [router_q], view.key_table()).cpu()
-        chosen = routing_scan.top_k_per_request([doc_scores], options.top_k_docs)[0].tolist()
-    else:
-        per_chunk = routing_torch.chunk_scores(router_q, view.layout.num_chunks, view.read_keys, *reductions[:3])
-        doc_scores = ref.document_scores(per_chunk, view.layout, options.chunk_reduce)
-        chosen = ref.select_top_k(doc_scores, options.top_k_docs).tolist()
+        doc_scores = routing_scan.scan_layer(plan, [router_q], view.key_table())
+        chosen, scores = routing_scan.best_documents(doc_scores, options.top_k_docs)
+        return [view.gids[i] for i in chosen], scores
+    per_chunk = routing_torch.chunk_scores(router_q, view.layout.num_chunks, view.read_keys, *reductions[:3])
+    doc_scores = ref.document_scores(per_chunk, view.layout, options.chunk_reduce)
+    chosen = ref.select_top_k(doc_scores, options.top_k_docs).tolist()
     return [view.gids[i] for i in chosen], [float(doc_scores[i]) for i in chosen]
 
 

@@ -12,7 +12,7 @@ scan reads the keys once. Router keys may be float32, bfloat16, float16 or float
 with a per-(chunk, KV head) float32 scale; multiplied as float16).
 
 The top-k over document scores (D floats, ≪1% of the key bytes) is a stable sort in torch
-(`top_k_per_request`), which keeps the reference's tie rule (lower document index first).
+(`best_documents`), which keeps the reference's tie rule (lower document index first).
 
 Runs on a GPU; on a CPU only under `TRITON_INTERPRET=1` (tests). Triton is imported lazily.
 """
@@ -320,14 +320,19 @@ def split_scores(plan: RoutingPlan, scores: torch.Tensor) -> list[torch.Tensor]:
     return [scores[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
 
 
+def best_documents(doc_scores: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
+    """`reference.select_top_k` of one request's scores (best first, ties to the lower index,
+    -inf never selected) with their scores: ranked on the scores' device (on a CPU core, 50K
+    documents take ~3 ms per layer to sort), the best k copied to the host at once."""
+    scores, order = torch.sort(doc_scores, descending=True, stable=True)
+    best = torch.stack([scores[:k].double(), order[:k].double()]).cpu()
+    kept = best[0] > float("-inf")
+    return best[1][kept].long().tolist(), best[0][kept].tolist()
+
+
 def top_k_per_request(doc_scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """`reference.select_top_k` of each request's scores: best first, ties to the lower index,
-    -inf never selected."""
-    chosen = []
-    for scores in doc_scores:
-        order = torch.sort(scores, descending=True, stable=True).indices[:k]
-        chosen.append(order[scores[order] > float("-inf")].cpu())
-    return chosen
+    """Each request's `best_documents` indices (int64, on the host)."""
+    return [torch.tensor(best_documents(scores, k)[0], dtype=torch.int64) for scores in doc_scores]
 
 
 def route_batch(
