@@ -23,6 +23,7 @@ _FROM_CLI_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
 _HTTP_LAUNCH_TARGET = "sglang.srt.entrypoints.http_server.launch_server"
 _LOCAL_REQUESTS_TARGET = "sglang.srt.managers.scheduler.Scheduler._poll_timeout_aborts"
 _ABORT_TARGET = "sglang.srt.managers.scheduler.Scheduler.abort_request"
+_RELEASE_TARGET = "sglang.srt.mem_cache.common.release_kv_cache"
 _PROCESS_INPUT_TARGET = "sglang.srt.managers.scheduler.Scheduler.process_input_requests"
 _GROUP_TARGET = "sglang.srt.distributed.parallel_state.init_model_parallel_group"
 
@@ -87,6 +88,7 @@ def _register_hooks() -> None:
     HookRegistry.register(_LOCAL_REQUESTS_TARGET, add_msa_control_batch, HookType.AFTER)
     HookRegistry.register(_PROCESS_INPUT_TARGET, apply_msa_control_batches, HookType.BEFORE)
     HookRegistry.register(_ABORT_TARGET, release_aborted_msa_state, HookType.AFTER)
+    HookRegistry.register(_RELEASE_TARGET, release_finished_msa_state, HookType.AFTER)
     if multiprocessing.parent_process() is None:  # the launcher: the only process serving HTTP
         HookRegistry.register(_HTTP_LAUNCH_TARGET, install_memory_routes, HookType.BEFORE)
     _hooks_registered = True
@@ -178,6 +180,20 @@ def release_aborted_msa_state(result, scheduler, recv_req, *args, **kwargs):
     service = get_service()
     if service is not None:
         service.release_aborted(recv_req.rid, recv_req.abort_all)
+    return result
+
+
+def release_finished_msa_state(result, req, *args, **kwargs):
+    """A finished request's selections (their rows, and the pins of rows read in place) go when
+    SGLang releases its KV cache; its report stays for `/v1/memories/.../generate` to take.
+    Requests sent straight to /generate (the frontend DSL's) have no reader: before this their
+    rows stayed until the registry's expiry."""
+    if req.finished():
+        from sglang_msa.memory_manager.service import get_service
+
+        service = get_service()
+        if service is not None:
+            service.release_finished(req.rid)
     return result
 
 

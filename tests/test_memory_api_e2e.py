@@ -322,3 +322,27 @@ def test_a_stream_whose_client_goes_away_is_aborted_and_frees_its_state(server):
     assert in_flight() == before
     full = chat(server, "walkaway", "What is fact 3?")
     assert full["choices"][0]["message"]["content"] is not None
+
+
+def test_a_plain_generate_request_releases_its_selections_when_it_finishes(server):
+    """Requests sent straight to SGLang's /generate with custom_params["msa"] (what the frontend
+    DSL sends) have no reader for their report: when they finish, their selections' rows go
+    (they were kept until the registry's 1-hour expiry), while a report the memory API asks for
+    after the answer is still there."""
+    post(f"{server}/v1/memories", {"memory_id": "plain"}, 201)
+    post(f"{server}/v1/memories/plain/documents", {"documents": [{"text": f"Fact {i} is {i * i}."}
+                                                                   for i in range(10)]}, 201)
+
+    def held():
+        return requests.get(f"{server}/v1/memories/-/stats", timeout=30).json()["request_selection_bytes"]
+
+    before = held()
+    for _ in range(3):
+        response = requests.post(f"{server}/generate", json={"text": "What is fact 3?", "sampling_params": {
+            "max_new_tokens": 4, "temperature": 0, "custom_params": {"msa": {"op": "query", "memory_id": "plain"}}}},
+            timeout=300)
+        assert response.status_code == 200, response.text
+    assert held() == before
+    answer = post(f"{server}/v1/memories/plain/generate", {"text": "What is fact 3?",
+                                                          "sampling_params": {"max_new_tokens": 4}}, 200)
+    assert answer["msa"]["retrieved"] and held() == before

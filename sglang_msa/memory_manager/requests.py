@@ -100,6 +100,16 @@ class LayerSelection:
     def num_rows(self) -> int:
         return self.in_place.slots.shape[0] if self.in_place is not None else self.memory_k.shape[0]
 
+    def held_bytes(self) -> int:
+        """Bytes of the rows this selection holds as tensors of its own (none when read in place)."""
+        if self.memory_k is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.memory_k, self.memory_v))
+
+    def report_only(self) -> "LayerSelection":
+        """The documents and scores alone, for a request that finished (no rows, no pins)."""
+        return LayerSelection(gids=self.gids, scores=self.scores, memory_k=None, memory_v=None)
+
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows as tensors of their own, readable on the current stream."""
         if self.in_place is None:
@@ -153,7 +163,8 @@ def ranked_union(selections: dict[int, LayerSelection]) -> list[int]:
 
 class RequestRegistry:
     """rid -> QueryState | IngestState. Entries leave when the server takes the request's report,
-    or after `ttl_s` without access (requests sent straight to /generate have no reader);
+    when SGLang aborts the request, or after `ttl_s` without access (requests sent straight to
+    /generate have no reader: their query states are cut down to the report when they finish);
     `on_leave` is called with each state that leaves."""
 
     def __init__(self, ttl_s: float = 3600.0, on_leave: Callable[[QueryState | IngestState], None] | None = None):
@@ -177,6 +188,13 @@ class RequestRegistry:
     def __len__(self) -> int:
         with self._lock:
             return len(self._states)
+
+    def held_bytes(self) -> int:
+        """Bytes of selected rows the query states hold (`LayerSelection.held_bytes`)."""
+        with self._lock:
+            states = list(self._states.values())
+        return sum(sel.held_bytes() for state in states if isinstance(state, QueryState)
+                   for sel in list(state.selections.values()))
 
     def pop(self, rid: str) -> QueryState | IngestState | None:
         with self._lock:

@@ -301,7 +301,11 @@ class MemoryService:
             return {"memories": store.contents()}
         if isinstance(message, protocol.StoreStats):
             memories = {memory_id: self._summed_over_ranks(stats) for memory_id, stats in store.all_stats().items()}
-            return {"memories": memories, **store.capacity(), "requests": len(self.registry)}
+            held = self.registry.held_bytes()
+            if self.shard is not None:
+                held = sum(self.shard.gather_objects(held))
+            return {"memories": memories, **store.capacity(), "requests": len(self.registry),
+                    "request_selection_bytes": held}
         raise ValueError(f"unhandled message {message!r}")
 
     def _summed_over_ranks(self, stats: dict) -> dict:
@@ -322,6 +326,14 @@ class MemoryService:
         nobody will take their reports."""
         if abort_all or rid:
             self.registry.pop_prefixed("" if abort_all else rid)
+
+    def release_finished(self, rid: str) -> None:
+        """SGLang finished request `rid` (on every rank): its selections' rows and pins go now;
+        its report (documents and scores per layer) waits for its reader, or expires."""
+        state = self.registry.get(rid)
+        if isinstance(state, QueryState) and state.selections:
+            self._release_state(state)
+            state.selections = {layer: sel.report_only() for layer, sel in state.selections.items()}
 
     def take_report(self, rid: str) -> dict:
         state = self.registry.pop(rid)

@@ -198,7 +198,8 @@ class MemoryAPI:
         totals = {key: sum(stats[key] for stats in per_memory.values())
                   for key in ("documents", "tokens", "chunks", "bytes", "device_bytes", "host_bytes")}
         capacity = {key: reply[key] for key in ("budget_bytes", "host_budget_bytes", "chunk_slots") if key in reply}
-        server = {} if self.keys_enabled else {"requests_in_flight": reply["requests"]}  # server-wide: no tenant's
+        server = {} if self.keys_enabled else {  # server-wide: no tenant's
+            "requests_in_flight": reply["requests"], "request_selection_bytes": reply["request_selection_bytes"]}
         return {"memories": len(per_memory), **totals, **capacity, **server}
 
     async def memory_info(self, memory_id: str) -> dict:
