@@ -295,16 +295,24 @@ def test_host_placement_answers_exactly_like_device_placement(server):
     assert stats["chunk_slots"]["host"]["free"] < stats["chunk_slots"]["host"]["total"]
 
 
+def facts_memory(server, memory_id):
+    post(f"{server}/v1/memories", {"memory_id": memory_id}, 201)
+    post(f"{server}/v1/memories/{memory_id}/documents", {"documents": [{"text": f"Fact {i} is {i * i}."}
+                                                                        for i in range(10)]}, 201)
+
+
+def server_stat(server, name):
+    return requests.get(f"{server}/v1/memories/-/stats", timeout=30).json()[name]
+
+
 def test_a_stream_whose_client_goes_away_is_aborted_and_frees_its_state(server):
     """A streaming chat whose client disconnects after the first tokens: SGLang aborts the
     request and the scheduler forgets its MSA state (its selections) at once, instead of
     decoding to max_tokens and keeping the state until it expires; the server answers on."""
-    post(f"{server}/v1/memories", {"memory_id": "walkaway"}, 201)
-    post(f"{server}/v1/memories/walkaway/documents", {"documents": [{"text": f"Fact {i} is {i * i}."}
-                                                                      for i in range(10)]}, 201)
+    facts_memory(server, "walkaway")
 
     def in_flight():
-        return requests.get(f"{server}/v1/memories/-/stats", timeout=30).json()["requests_in_flight"]
+        return server_stat(server, "requests_in_flight")
 
     before = in_flight()
     for _ in range(3):
@@ -329,20 +337,14 @@ def test_a_plain_generate_request_releases_its_selections_when_it_finishes(serve
     DSL sends) have no reader for their report: when they finish, their selections' rows go
     (they were kept until the registry's 1-hour expiry), while a report the memory API asks for
     after the answer is still there."""
-    post(f"{server}/v1/memories", {"memory_id": "plain"}, 201)
-    post(f"{server}/v1/memories/plain/documents", {"documents": [{"text": f"Fact {i} is {i * i}."}
-                                                                   for i in range(10)]}, 201)
-
-    def held():
-        return requests.get(f"{server}/v1/memories/-/stats", timeout=30).json()["request_selection_bytes"]
-
-    before = held()
+    facts_memory(server, "plain")
+    before = server_stat(server, "request_selection_bytes")
     for _ in range(3):
         response = requests.post(f"{server}/generate", json={"text": "What is fact 3?", "sampling_params": {
             "max_new_tokens": 4, "temperature": 0, "custom_params": {"msa": {"op": "query", "memory_id": "plain"}}}},
             timeout=300)
         assert response.status_code == 200, response.text
-    assert held() == before
+    assert server_stat(server, "request_selection_bytes") == before
     answer = post(f"{server}/v1/memories/plain/generate", {"text": "What is fact 3?",
                                                           "sampling_params": {"max_new_tokens": 4}}, 200)
-    assert answer["msa"]["retrieved"] and held() == before
+    assert answer["msa"]["retrieved"] and server_stat(server, "request_selection_bytes") == before
