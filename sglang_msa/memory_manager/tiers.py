@@ -4,9 +4,9 @@ Spec §8: routing reads every router key of a memory per query, so router keys a
 device's key pool; the content of documents (pooled K̄ / V̄, and full-resolution K / V in that
 mode) is only read for the selected documents, so it can live in host memory and be copied to
 the device for the selected documents only (gathered into pinned memory when a GPU is present,
-so the copy is asynchronous). Each memory has a
-placement: `device`, `host`, or `auto` (the device while its content pool has room, then the
-host). A document that fits nowhere is refused with 507 and a message naming the budget.
+so the copy is asynchronous). Each memory has a placement: `device`, `host`, or `auto` (the
+device while its content pool has room, then the host). A document that fits nowhere is refused
+with 507 and a message naming the budget.
 
 Pools and their capacities (`TierCapacity`): the device budget (`memory_budget_mb`) holds the key
 pool and the device content pools; the host budget (`host_memory_budget_mb`) holds the host
