@@ -10,7 +10,8 @@
 #      content copied to the GPU on a side stream during the dense attention), embedded-model
 #      shapes to 100M tokens, MSA-4B shapes to 30M per placement and 100M with fp8 router keys
 #      placed `auto` (device, then host memory), when SGLang is importable (its allocator hands
-#      out the slots): benchmarks/memory_scale.py.
+#      out the slots): benchmarks/memory_scale.py. Sized for an 80 GB card with 128 GB of host
+#      memory (the 100M run takes a 70 GB device budget and ~66 GB of host memory); ~4 minutes.
 # Usage: bash benchmarks/gpu_check.sh            (from the repository root)
 #        STEPS="1 4" RESULTS_DIR=/some/dir bash benchmarks/gpu_check.sh   (some steps; JSON there)
 set -uo pipefail
