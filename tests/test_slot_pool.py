@@ -212,6 +212,29 @@ def test_churn_reuses_the_lowest_slots_instead_of_walking_the_pool():
     assert highest <= 1.25 * peak_chunks, (highest, peak_chunks)
 
 
+def test_a_pool_always_hands_out_its_lowest_free_slots():
+    """Random allocations and frees against a plain set of free slots: every allocation is the
+    `count` lowest free slots, in order, and nothing is handed out twice or lost."""
+    from sglang_msa.memory_manager.slot_pool import FieldSpec, SlotPool
+
+    rng = random.Random(4)
+    pool = SlotPool("t", 500, (0,), [FieldSpec("v", (1,), torch.float32)], "cpu")
+    free, held = set(range(1, 501)), []  # slot 0 is padding
+    for _ in range(2000):
+        if held and (rng.random() < 0.45 or len(free) < 40):
+            slots = held.pop(rng.randrange(len(held)))
+            pool.free(torch.tensor(slots, dtype=torch.int64))
+            free.update(slots)
+        else:
+            count = rng.randint(1, 40)
+            slots = pool.alloc(count)
+            assert slots.tolist() == sorted(free)[:count]
+            free.difference_update(slots.tolist())
+            held.append(slots.tolist())
+        assert pool.available() == len(free)
+    assert pool.alloc(len(free) + 1) is None and pool.available() == len(free)
+
+
 def test_msa_4b_bytes_per_token_are_the_specs():
     """Spec §8 (18 routed layers, 8 KV heads, d = 128, bf16, P = 64): router keys 576 B per
     token on the device, content 1,152 B wherever the memory is placed."""
