@@ -14,7 +14,8 @@ It also times each routed layer as the server runs it at a query's prefill: rout
 layer's dense attention (a causal `--prefill-tokens` prompt, the stand-in for SGLang's pass),
 then wait for the selected rows. On a GPU the rows are gathered on a side stream, so host-tier
 content crosses PCIe while the dense attention runs: `exposed_ms` (that time minus the dense
-attention alone) is what the memory adds to the prefill, by placement.
+attention alone) is what the memory adds to the prefill, by placement. And it times replacing a
+document (delete one, commit another: allocation after a deletion) at each size.
 
     .venv/bin/python benchmarks/memory_scale.py [--sizes 1000000,4000000,16000000] [--shape embedded|msa-4b]
         [--placements device,host,auto] [--device-budget-gb 60] [--router-keys model|fp8]
@@ -99,6 +100,21 @@ def timed(work, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+def replace_documents(store: MemoryStore, shape: Shape, doc_tokens: int, gen: torch.Generator, device: str,
+                      count: int = 10) -> float:
+    """Median seconds to delete a stored document and commit a new one in its place (allocation
+    from the slot pools' free lists after a deletion), over `count` documents spread over the memory."""
+    gids = store.contents()["m"]
+    doomed = [gids[i * len(gids) // count] for i in range(count)]
+    times = []
+    for gid, new in zip(doomed, documents(shape, count, doc_tokens, 10**9 + gids[-1], gen, device)):
+        started = time.perf_counter()
+        store.remove_document("m", gid)
+        store.commit_document("m", new)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def measure(shape: Shape, placement: str, sizes: list[int], doc_tokens: int, queries: int, device: str,
             prefill_tokens: int, router_keys: str, device_budget: int) -> list[dict]:
     gen = torch.Generator(device=device if device.startswith("cuda") else "cpu").manual_seed(0)
@@ -163,6 +179,7 @@ def measure(shape: Shape, placement: str, sizes: list[int], doc_tokens: int, que
         dense_s = timed(dense_layers, device, queries)
         prefill_s = timed(prefill_layers, device, queries)
         selection = selections[-1]
+        replace_s = replace_documents(store, shape, doc_tokens, gen, device)
         stats = store.stats("m")
         row = {"placement": placement, "memory_tokens": stats["tokens"], "documents": stats["documents"],
                "device_bytes_per_token": stats["device_bytes"] / stats["tokens"],
@@ -170,7 +187,7 @@ def measure(shape: Shape, placement: str, sizes: list[int], doc_tokens: int, que
                "commit_tok_s": added / commit_s, "query_memory_ms": 1000 * query_s,
                "dense_ms": 1000 * dense_s, "prefill_layers_ms": 1000 * prefill_s,
                "exposed_ms": 1000 * (prefill_s - dense_s), "prefill_tokens": prefill_tokens,
-               "selected_rows_per_layer": selection.num_rows, "kernels": kernels}
+               "replace_ms": 1000 * replace_s, "selected_rows_per_layer": selection.num_rows, "kernels": kernels}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -198,13 +215,14 @@ def main() -> None:
         rows += measure(SHAPES[args.shape], placement, sizes, args.doc_tokens, args.queries, args.device,
                         args.prefill_tokens, args.router_keys, int(args.device_budget_gb * 2**30))
     print(f"\n{'memory tokens':>13} {'placement':>9} {'dev B/tok':>9} {'host B/tok':>10} {'commit tok/s':>12} "
-          f"{'query memory ms (all layers)':>28} {'vs device':>9} {'dense ms':>8} {'+memory, exposed ms':>19}")
+          f"{'query memory ms (all layers)':>28} {'vs device':>9} {'dense ms':>8} {'+memory, exposed ms':>19} "
+          f"{'replace doc ms':>14}")
     device_ms = {r["memory_tokens"]: r["query_memory_ms"] for r in rows if r["placement"] == "device"}
     for r in rows:
         ratio = r["query_memory_ms"] / device_ms[r["memory_tokens"]] if r["memory_tokens"] in device_ms else float("nan")
         print(f"{r['memory_tokens']:>13,} {r['placement']:>9} {r['device_bytes_per_token']:>9.1f} "
               f"{r['host_bytes_per_token']:>10.1f} {r['commit_tok_s']:>12,.0f} {r['query_memory_ms']:>28.1f} "
-              f"{ratio:>8.2f}x {r['dense_ms']:>8.1f} {r['exposed_ms']:>19.1f}")
+              f"{ratio:>8.2f}x {r['dense_ms']:>8.1f} {r['exposed_ms']:>19.1f} {r['replace_ms']:>14.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "processor": platform.processor(),
