@@ -48,6 +48,10 @@ class MSAOptions(BaseModel):
     )
     max_document_tokens: int = Field(4096, ge=1, description="longest document accepted (HTTP 413 beyond)")
     max_documents_per_request: int = Field(1024, ge=1)
+    max_request_body_mb: float = Field(
+        32.0, gt=0,
+        description="largest HTTP request body the server reads, on every endpoint (HTTP 413 beyond, before parsing)",
+    )
     max_injected_tokens: int = Field(2048, ge=1, description="original text injected into one request, at most")
     max_interleave_rounds: int = Field(8, ge=1, le=64, description="Memory Interleave retrieval rounds, at most")
     memory_dir: str | None = Field(

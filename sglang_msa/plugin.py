@@ -35,6 +35,10 @@ def register() -> None:
     _register_backend_factory()
     _register_model()
     _register_hooks()
+    if multiprocessing.parent_process() is None:  # the launcher: its children inherit the secret
+        from sglang_msa.memory_manager.grants import ensure_secret
+
+        ensure_secret()
 
 
 def _register_backend_choice() -> None:
@@ -87,7 +91,7 @@ def _register_hooks() -> None:
     HookRegistry.register(_GROUP_TARGET, cpu_groups_without_pynccl, HookType.BEFORE)
     HookRegistry.register(_LOCAL_REQUESTS_TARGET, add_msa_control_batch, HookType.AFTER)
     HookRegistry.register(_PROCESS_INPUT_TARGET, apply_msa_control_batches, HookType.BEFORE)
-    HookRegistry.register(_ABORT_TARGET, release_aborted_msa_state, HookType.AFTER)
+    HookRegistry.register(_ABORT_TARGET, guard_msa_aborts, HookType.AROUND)
     HookRegistry.register(_RELEASE_TARGET, release_finished_msa_state, HookType.AFTER)
     if multiprocessing.parent_process() is None:  # the launcher: the only process serving HTTP
         HookRegistry.register(_HTTP_LAUNCH_TARGET, install_memory_routes, HookType.BEFORE)
@@ -119,14 +123,35 @@ def take_msa_cli_args(*args, **kwargs):
         if memory_dir:
             options = options.model_copy(update={"memory_dir": os.path.abspath(memory_dir)})
         if options.api_keys_file:
-            from sglang_msa.memory_manager.grants import ensure_secret
-            from sglang_msa.server.auth import load_api_keys
-
             options = options.model_copy(update={"api_keys_file": os.path.abspath(options.api_keys_file)})
-            load_api_keys(options.api_keys_file)  # a bad file stops the launch here, with its reason
-            ensure_secret()  # before the scheduler starts: it inherits the environment
         os.environ[CONFIG_ENV] = options.model_dump_json(exclude_defaults=True)
+    check_tenant_server_args(namespace)
     return None
+
+
+def check_tenant_server_args(namespace) -> None:
+    """With tenants' API keys (`api_keys_file`, from --msa-config or SGLANG_MSA_CONFIG), refuse to
+    start a server whose admin endpoints anyone could call, or whose memory API no tenant could.
+
+    SGLang's admin endpoints (`/abort_request`, `/pause_generation`, `/update_weights_from_disk`,
+    `/flush_cache`, ...) are open unless `--admin-api-key` is set; tenants must not reach them.
+    SGLang's `--api-key` would demand its own key on every endpoint, the memory API included,
+    where each tenant presents its own key in the same header."""
+    from sglang_msa.config import load_options
+    from sglang_msa.server.auth import load_api_keys
+
+    options = load_options()
+    if not options.api_keys_file:
+        return
+    load_api_keys(options.api_keys_file)  # a bad file stops the launch here, with its reason
+    if not getattr(namespace, "admin_api_key", None):
+        raise ValueError("sglang-msa: api_keys_file is set (tenants) but --admin-api-key is not: SGLang's admin "
+                         "endpoints (/abort_request, /pause_generation, /update_weights_from_disk, ...) would be "
+                         "open to every caller. Start the server with --admin-api-key <key>")
+    if getattr(namespace, "api_key", None):
+        raise ValueError("sglang-msa: --api-key cannot be combined with api_keys_file: SGLang would demand that key "
+                         "on /v1/memories, where tenants present their own keys; use --admin-api-key for the "
+                         "admin endpoints")
 
 
 def cpu_groups_without_pynccl(*args, **kwargs):
@@ -153,31 +178,48 @@ def install_memory_routes(*args, **kwargs):
     return None
 
 
-def admit_msa_request(original, scheduler, req, *args, **kwargs):
-    """Validate and register a request's `custom_params["msa"]` before it is queued.
+def token_id_error(input_ids, vocab_size: int) -> str | None:
+    """Why a prompt's token ids cannot be embedded (one outside [0, vocab_size)), or None."""
+    if len(input_ids) == 0 or 0 <= min(input_ids) and max(input_ids) < vocab_size:
+        return None
+    index = next(i for i, token in enumerate(input_ids) if not 0 <= token < vocab_size)
+    return f"input_ids[{index}] = {input_ids[index]} is outside the vocabulary [0, {vocab_size})"
 
-    A request that cannot be served (unknown memory, bad span, too long) is finished with an
-    error message instead of reaching the model.
+
+def admit_msa_request(original, scheduler, req, *args, **kwargs):
+    """Validate every request before it is queued, and register `custom_params["msa"]`.
+
+    Token ids outside the vocabulary (which would crash the scheduler in the embedding, for
+    every tenant) and MSA requests that cannot be served (unknown memory, bad span, too long,
+    a reserved rid) are finished with an error message (HTTP 400) instead of reaching the model.
     """
     from sglang_msa.memory_manager.service import get_service
 
     service = get_service()
     if service is not None and not req.finished():
-        error = service.admit_request(req)
+        error = token_id_error(req.origin_input_ids, scheduler.model_config.vocab_size)
+        error = error or service.admit_request(req)
         if error is not None:
             req.set_finish_with_abort(f"sglang-msa: {error}")
     return original(scheduler, req, *args, **kwargs)
 
 
-def release_aborted_msa_state(result, scheduler, recv_req, *args, **kwargs):
-    """An aborted request's MSA state leaves with it (every rank: aborts ride the broadcast).
+def guard_msa_aborts(original, scheduler, recv_req, *args, **kwargs):
+    """Run SGLang's abort unless it would reach memory requests by rid prefix, then release the
+    aborted requests' MSA state (every rank: aborts ride the broadcast).
 
     SGLang aborts a request whose client went away (a closed stream included) or whose abort was
-    asked. The abort follows the request on SGLang's ordered channel, so the request was
-    admitted, and its state registered, before this runs."""
+    asked, matching every rid that starts with the abort's. The memory API's rids are reserved
+    (`grants.RESERVED_RID_PREFIX`), so a prefix of them can come only from a caller aiming at
+    other requests; such an abort is dropped. An exact memory rid follows its request on
+    SGLang's ordered channel, so the request was admitted, and its state registered, before."""
     from sglang_msa.memory_manager.service import get_service
 
     service = get_service()
+    if service is not None and not service.may_abort(recv_req.rid, recv_req.abort_all):
+        logger.warning("sglang-msa: abort of rid prefix %r refused (reserved for the memory API)", recv_req.rid)
+        return None
+    result = original(scheduler, recv_req, *args, **kwargs)
     if service is not None:
         service.release_aborted(recv_req.rid, recv_req.abort_all)
     return result

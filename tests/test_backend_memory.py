@@ -148,10 +148,11 @@ def test_ingest_route_attend_match_reference(parts, memory_content, similarity, 
     for gid, n in enumerate(DOC_LENS):
         k, v = torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)
         rid = f"ingest-{gid}"
-        harness.service.registry.put(rid, IngestState(IngestParams(op="ingest", memory_id=MEMORY, gid=gid), num_tokens=n))
+        harness.service.registry.put(rid, IngestState(IngestParams(op="ingest", memory_key=MEMORY, gid=gid, grant="-"), num_tokens=n))
         row, slots = harness.new_request(n)
         harness.extend(rid, row, slots, torch.randn(n, H * D, generator=gen), k, v)
-        assert harness.service.take_report(rid)["committed"] is True
+        assert harness.service.take_report(rid)["stored"]
+        harness.service.store.publish(MEMORY, [gid])
         doc_k.append(k)
         doc_v.append(v)
     stats = store.stats(MEMORY)
@@ -166,7 +167,7 @@ def test_ingest_route_attend_match_reference(parts, memory_content, similarity, 
     prompt_len, template, spans = 7, 2, [(2, 4), (5, 7)]
     rid = "query-1"
     harness.service.registry.put(rid, QueryState(
-        params=QueryParams(memory_id=MEMORY, routing_spans=spans, template_tokens=template),
+        params=QueryParams(memory_key=MEMORY, routing_spans=spans, template_tokens=template),
         prompt_len=prompt_len, routing_spans=spans, position_offset=40,
     ))
     row, slots = harness.new_request(prompt_len + 1)
@@ -218,7 +219,7 @@ def test_ingest_route_attend_match_reference(parts, memory_content, similarity, 
     store.remove_document(MEMORY, expected_gids[0])
     rid2 = "query-2"
     harness.service.registry.put(rid2, QueryState(
-        params=QueryParams(memory_id=MEMORY, routing_spans=spans, template_tokens=template),
+        params=QueryParams(memory_key=MEMORY, routing_spans=spans, template_tokens=template),
         prompt_len=prompt_len, routing_spans=spans, position_offset=40,
     ))
     row2, slots2 = harness.new_request(prompt_len)
@@ -234,7 +235,7 @@ def test_query_on_empty_memory_equals_dense(parts, kernels):
     gen = torch.Generator().manual_seed(5)
     n = 6
     rid = "q-empty"
-    harness.service.registry.put(rid, QueryState(params=QueryParams(memory_id="empty"), prompt_len=n,
+    harness.service.registry.put(rid, QueryState(params=QueryParams(memory_key="empty"), prompt_len=n,
                                                  routing_spans=[(0, n)], position_offset=0))
     row, slots = harness.new_request(n)
     q, k, v = torch.randn(n, H * D, generator=gen), torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)
@@ -261,14 +262,15 @@ def test_routing_only_sees_the_named_memory(parts):
             n = 6
             k = torch.randn(n, HKV, D, generator=gen) + strength * direction
             rid = f"ingest-{memory_id}-{gid}"
-            harness.service.registry.put(rid, IngestState(IngestParams(op="ingest", memory_id=memory_id, gid=gid),
+            harness.service.registry.put(rid, IngestState(IngestParams(op="ingest", memory_key=memory_id, gid=gid, grant="-"),
                                                           num_tokens=n))
             row, slots = harness.new_request(n)
             harness.extend(rid, row, slots, torch.randn(n, H * D, generator=gen), k, torch.randn(n, HKV, D, generator=gen))
-            assert harness.service.take_report(rid)["committed"]
+            assert harness.service.take_report(rid)["stored"]
+            harness.service.store.publish(memory_id, [gid])
     for memory_id, allowed in (("tenant-a", set(range(0, 4))), ("tenant-b", set(range(100, 104)))):
         rid = f"query-{memory_id}"
-        harness.service.registry.put(rid, QueryState(params=QueryParams(memory_id=memory_id), prompt_len=5,
+        harness.service.registry.put(rid, QueryState(params=QueryParams(memory_key=memory_id), prompt_len=5,
                                                      routing_spans=[(0, 5)], position_offset=6))
         row, slots = harness.new_request(5)
         harness.extend(rid, row, slots, q, torch.randn(5, HKV, D, generator=gen), torch.randn(5, HKV, D, generator=gen))
@@ -288,15 +290,16 @@ def test_a_batch_of_queries_each_matches_its_own_reference(parts, kernels):
     pooled = {}
     for gid, n in enumerate(DOC_LENS):
         k, v = torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)
-        harness.service.registry.put(f"i{gid}", IngestState(IngestParams(op="ingest", memory_id="full-mem", gid=gid),
+        harness.service.registry.put(f"i{gid}", IngestState(IngestParams(op="ingest", memory_key="full-mem", gid=gid, grant="-"),
                                                             num_tokens=n))
         harness.extend_batch([(f"i{gid}", torch.randn(n, H * D, generator=gen), k, v)])
+        store.publish("full-mem", [gid])
         pooled[gid] = (ref.pool_chunks(k, [n], 4), ref.pool_chunks(v, [n], 4))
     queries = [("qa", "full-mem", 6, 2), ("qb", "empty-mem", 4, 1), ("qc", "full-mem", 9, 3)]  # rid, memory, len, T
     items, tensors = [], {}
     for rid, memory, n, template in queries:
         harness.service.registry.put(rid, QueryState(
-            params=QueryParams(memory_id=memory, template_tokens=template), prompt_len=n,
+            params=QueryParams(memory_key=memory, template_tokens=template), prompt_len=n,
             routing_spans=[(template, n)], position_offset=30))
         q = torch.randn(n + 1, H * D, generator=gen)
         k, v = torch.randn(n + 1, HKV, D, generator=gen), torch.randn(n + 1, HKV, D, generator=gen)
@@ -352,9 +355,10 @@ def test_fp8_router_keys_route_on_their_dequantized_values(parts, kernels):
     dequantized = []
     for gid, n in enumerate(DOC_LENS):
         k = torch.randn(n, HKV, D, generator=gen)
-        harness.service.registry.put(f"i{gid}", IngestState(IngestParams(op="ingest", memory_id="m", gid=gid),
+        harness.service.registry.put(f"i{gid}", IngestState(IngestParams(op="ingest", memory_key="m", gid=gid, grant="-"),
                                                             num_tokens=n))
         harness.extend_batch([(f"i{gid}", torch.randn(n, H * D, generator=gen), k, torch.randn(n, HKV, D, generator=gen))])
+        store.publish("m", [gid])
         quantized, scales = quantize_fp8(ref.pool_chunks(k, [n], 4))
         dequantized.append(quantized.float() * scales.unsqueeze(-1))
     stored = store.document_tensors("m", 0).layers[0]
@@ -362,7 +366,7 @@ def test_fp8_router_keys_route_on_their_dequantized_values(parts, kernels):
     assert stored.router_k.nbytes * 4 == stored.pooled_k.nbytes
     n = 5
     q = torch.randn(n, H * D, generator=gen)
-    harness.service.registry.put("q", QueryState(params=QueryParams(memory_id="m"), prompt_len=n,
+    harness.service.registry.put("q", QueryState(params=QueryParams(memory_key="m"), prompt_len=n,
                                                  routing_spans=[(0, n)], position_offset=20))
     harness.extend_batch([("q", q, torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen))])
     scores = ref.document_scores(ref.chunk_scores(q.view(n, H, D), torch.cat(dequantized)),
@@ -384,17 +388,18 @@ def test_a_selection_survives_deletion_and_slot_reuse(parts, kernels):
     def ingest(gid):
         n = DOC_LENS[gid % len(DOC_LENS)]
         k, v = torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)
-        harness.service.registry.put(f"i{gid}", IngestState(IngestParams(op="ingest", memory_id="m", gid=gid),
+        harness.service.registry.put(f"i{gid}", IngestState(IngestParams(op="ingest", memory_key="m", gid=gid, grant="-"),
                                                             num_tokens=n))
         harness.extend_batch([(f"i{gid}", torch.randn(n, H * D, generator=gen), k, v)])
-        assert harness.service.take_report(f"i{gid}")["committed"]
+        assert harness.service.take_report(f"i{gid}")["stored"]
+        harness.service.store.publish("m", [gid])
         return k, v
 
     docs = {gid: ingest(gid) for gid in range(len(DOC_LENS))}
     n = 5
     q, k, v = torch.randn(n + 1, H * D, generator=gen), torch.randn(n + 1, HKV, D, generator=gen), \
         torch.randn(n + 1, HKV, D, generator=gen)
-    harness.service.registry.put("q", QueryState(params=QueryParams(memory_id="m"), prompt_len=n,
+    harness.service.registry.put("q", QueryState(params=QueryParams(memory_key="m"), prompt_len=n,
                                                  routing_spans=[(0, n)], position_offset=30))
     _, rows, slots = harness.extend_batch([("q", q[:n], k[:n], v[:n])], decode_slots=1)
     selection = harness.service.registry.get("q").selections[0]

@@ -39,10 +39,11 @@ def test_queries_only_ever_see_their_own_live_documents(parts, operations, seed)
             _, tenant, n, strength = op
             k = torch.randn(n, HKV, D, generator=gen) + strength
             rid = f"ingest-{step}"
-            harness.service.registry.put(rid, IngestState(IngestParams(op="ingest", memory_id=tenant, gid=next_gid),
+            harness.service.registry.put(rid, IngestState(IngestParams(op="ingest", memory_key=tenant, gid=next_gid, grant="-"),
                                                           num_tokens=n))
             harness.extend_batch([(rid, torch.randn(n, H * D, generator=gen), k, torch.randn(n, HKV, D, generator=gen))])
-            assert harness.service.take_report(rid)["committed"]
+            assert harness.service.take_report(rid)["stored"]
+            harness.service.store.publish(tenant, [next_gid])
             owned[tenant][next_gid] = ref.pool_chunks(k, [n], CHUNK)
             next_gid += 1
         elif op[0] == "delete":
@@ -56,7 +57,7 @@ def test_queries_only_ever_see_their_own_live_documents(parts, operations, seed)
             for i, tenant in enumerate(op[1]):
                 rid, n = f"query-{step}-{i}", 3
                 q = torch.randn(n, H * D, generator=gen)
-                harness.service.registry.put(rid, QueryState(params=QueryParams(memory_id=tenant), prompt_len=n,
+                harness.service.registry.put(rid, QueryState(params=QueryParams(memory_key=tenant), prompt_len=n,
                                                              routing_spans=[(0, n)], position_offset=16))
                 items.append((rid, q, torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)))
                 gids = sorted(owned[tenant])

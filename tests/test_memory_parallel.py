@@ -74,7 +74,7 @@ class RecordingBacking:
     def __init__(self, fail_gid: int | None = None):
         self.fail_gid, self.files = fail_gid, {}
 
-    def create_memory(self, memory_id, owner, placement):
+    def create_memory(self, memory_key, memory_id, owner, placement):
         pass
 
     def drop_memory(self, memory_id):

@@ -53,12 +53,13 @@ def assert_same_document(a: StoredDocument, b: StoredDocument) -> None:
 def test_documents_round_trip_bit_for_bit(tmp_path, dtype, full, router):
     gen = torch.Generator().manual_seed(0)
     archive = DocumentArchive(tmp_path, FINGERPRINT)
-    archive.create_memory("notes", "tenant-1")
+    archive.create_memory("notes", "team-notes", "tenant-1")
     docs = [random_document(gid, n, dtype, full, router, gen) for gid, n in ((0, 9), (3, 4), (7, 1))]
     for doc in docs:
         archive.write_document("notes", doc)
     loaded = DocumentArchive(tmp_path, FINGERPRINT).load()
-    assert list(loaded) == ["notes"] and loaded["notes"][0] == "tenant-1"
+    assert list(loaded) == ["notes"] and loaded["notes"].owner == "tenant-1"
+    assert loaded["notes"].memory_id == "team-notes"
     for doc, back in zip(docs, loaded["notes"][1]):
         assert_same_document(doc, back)
 
@@ -66,7 +67,7 @@ def test_documents_round_trip_bit_for_bit(tmp_path, dtype, full, router):
 def test_store_writes_before_publishing_and_restores_the_same_views(tmp_path):
     gen = torch.Generator().manual_seed(1)
     store = MemoryStore(1 << 30, 4, DocumentArchive(tmp_path, FINGERPRINT))
-    store.create("a", "tenant-1")
+    store.create("a", "a-name", "tenant-1")
     store.create("b")
     for gid, n in enumerate((9, 4, 13, 7)):
         store.commit_document("a", random_document(gid, n, torch.bfloat16, True, False, gen))
@@ -120,7 +121,7 @@ def test_budget_and_deleted_memories_are_checked_before_writing(tmp_path):
 def test_interrupted_writes_and_drops_leave_no_trace(tmp_path):
     gen = torch.Generator().manual_seed(4)
     archive = DocumentArchive(tmp_path, FINGERPRINT)
-    archive.create_memory("a", None)
+    archive.create_memory("a", "a", None)
     archive.write_document("a", random_document(0, 9, torch.float32, False, False, gen))
     # a crash between writing the temporary file and renaming it; a crash inside a drop
     (tmp_path / "tensors" / "a" / ".5.safetensors.123.tmp").write_bytes(b"partial")
@@ -141,24 +142,65 @@ def test_a_directory_of_another_model_is_refused(tmp_path):
 def test_metadata_survives_reopening(tmp_path):
     path = tmp_path / "metadata.sqlite3"
     metadata = MetadataStore(path)
-    assert metadata.create_memory("a")
-    gids = metadata.reserve_gids("a", 3)
+    key = metadata.create_memory("tenant-1", "a").memory_key
+    gids = metadata.reserve_gids(key, 3)
     for gid in gids:
-        assert metadata.add_document(DocumentRecord("a", gid, f"d{gid}", f"text {gid}", 5))
-    metadata.delete_document("a", "d1")
+        assert metadata.add_document(DocumentRecord(key, gid, f"d{gid}", f"text {gid}", 5))
+    metadata.delete_document(key, "d1")
     reopened = MetadataStore(path)
-    assert reopened.contents() == {"a": {0, 2}}
-    assert reopened.next_gid("a") == 3  # ids are never reused, even after a restart
-    assert reopened.get_document("a", "d2").text == "text 2"
-    reopened.forget_documents("a", [0, 2])
-    assert MetadataStore(path).contents() == {"a": set()}
+    assert reopened.contents() == {key: {0, 2}}
+    assert reopened.find_memory("tenant-1", "a").memory_key == key
+    assert reopened.next_gid(key) == 3  # ids are never reused, even after a restart
+    assert reopened.get_document(key, "d2").text == "text 2"
+    reopened.forget_documents(key, [0, 2])
+    assert MetadataStore(path).contents() == {key: set()}
+
+
+def test_names_are_per_tenant_and_each_creation_is_a_new_incarnation(tmp_path):
+    metadata = MetadataStore(tmp_path / "metadata.sqlite3")
+    alpha, bravo = metadata.create_memory("alpha", "notes"), metadata.create_memory("bravo", "notes")
+    assert alpha.memory_key != bravo.memory_key and metadata.create_memory("alpha", "notes") is None
+    gid = metadata.reserve_gids(alpha.memory_key, 1)[0]
+    assert metadata.delete_memory(alpha.memory_key)
+    again = metadata.create_memory("alpha", "notes")
+    assert again.memory_key not in (alpha.memory_key, bravo.memory_key)
+    # a write aimed at the deleted incarnation is refused and leaves nothing
+    assert not metadata.add_document(DocumentRecord(alpha.memory_key, gid, "late", "late text", 3))
+    assert metadata.list_documents(again.memory_key, 10, 0) == [] and metadata.contents()[again.memory_key] == set()
+    assert [m["memory_id"] for m in metadata.list_memories("alpha")] == ["notes"]
+
+
+def test_a_metadata_file_of_the_first_schema_is_migrated(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "metadata.sqlite3"
+    legacy = sqlite3.connect(path)
+    legacy.executescript("""
+        CREATE TABLE memories (memory_id TEXT PRIMARY KEY, owner TEXT, created_at REAL NOT NULL,
+                               next_gid INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE documents (memory_id TEXT NOT NULL REFERENCES memories(memory_id) ON DELETE CASCADE,
+                                gid INTEGER NOT NULL, doc_id TEXT NOT NULL, text TEXT NOT NULL,
+                                num_tokens INTEGER NOT NULL, created_at REAL NOT NULL,
+                                PRIMARY KEY (memory_id, gid), UNIQUE (memory_id, doc_id));
+        INSERT INTO memories VALUES ('notes', NULL, 0, 2), ('team', 'alpha', 0, 1);
+        INSERT INTO documents VALUES ('notes', 0, 'a', 'text a', 2, 0), ('notes', 1, 'b', 'text b', 2, 0),
+                                     ('team', 0, 'c', 'text c', 2, 0);
+    """)
+    legacy.commit()
+    legacy.close()
+    metadata = MetadataStore(path)
+    # the old ids were the scheduler's (and the memory directory's) keys: they stay the keys
+    assert metadata.find_memory("", "notes").memory_key == "notes"
+    assert metadata.find_memory("alpha", "team").memory_key == "team"
+    assert metadata.contents() == {"notes": {0, 1}, "team": {0}} and metadata.next_gid("notes") == 2
+    assert metadata.get_document("notes", "b").text == "text b"
 
 
 def test_placements_persist_and_a_directory_larger_than_the_budget_is_refused(tmp_path):
     gen = torch.Generator().manual_seed(4)
     store = MemoryStore(1 << 24, 4, DocumentArchive(tmp_path, FINGERPRINT), host_budget_bytes=1 << 22)
     store.create("near", placement="device")
-    store.create("far", "tenant-2", placement="host")
+    store.create("far", owner="tenant-2", placement="host")
     for gid in range(6):
         store.commit_document("near", random_document(gid, 16, torch.float32, True, False, gen))
         store.commit_document("far", random_document(gid, 16, torch.float32, True, False, gen))

@@ -10,7 +10,7 @@ def registry_with(rids: list[str]) -> tuple[RequestRegistry, list[int]]:
     left: list[int] = []
     registry = RequestRegistry(on_leave=lambda state: left.append(state.params.gid))
     for gid, rid in enumerate(rids):
-        registry.put(rid, IngestState(IngestParams(op="ingest", memory_id="m", gid=gid), num_tokens=1))
+        registry.put(rid, IngestState(IngestParams(op="ingest", memory_key="m", gid=gid, grant="-"), num_tokens=1))
     return registry, left
 
 

@@ -97,7 +97,7 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                 [queries[start - request.prefix_len : end - request.prefix_len] for start, end in spans]
             )
             state.selections[layer.layer_id] = self.route(
-                self.service.store, state.params.memory_id, layer.layer_id, routing_queries, self.service.options,
+                self.service.store, state.params.memory_key, layer.layer_id, routing_queries, self.service.options,
                 key_buffer, self.kernels,
             )
 
@@ -122,14 +122,14 @@ class MSAAttnBackend(TorchNativeAttnBackend):
             if request.seq_len != state.num_tokens:
                 continue  # a chunked prefill that has not reached the document's end yet
             slots = req_to_token[request.row, : request.seq_len].long()
-            state.staged[layer.layer_id] = memory_ops.pool_document(
+            state.pooled[layer.layer_id] = memory_ops.pool_document(
                 key_buffer[slots], value_buffer[slots], options.chunk_size,
                 keep_full=options.memory_content == "full",
                 router_keys=torch.cat(state.router_keys.pop(layer.layer_id)) if router_k is not None else None,
                 kernels=self.kernels, router_key_format=options.router_key_format, shard=self.shard,
             )
             if layer.layer_id == self.last_routed_layer:
-                memory_ops.commit_ingestion(self.service.store, state)
+                memory_ops.stage_ingestion(self.service.store, state)
         if self.context is not None:
             selections = [request.state.selections[layer.layer_id] for request in self.context.requests]
             attend_batch(q, out, layer, self.context, selections, key_buffer, value_buffer, self.memory_rows)

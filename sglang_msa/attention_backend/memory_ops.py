@@ -51,17 +51,19 @@ def pool_document(
     )
 
 
-def commit_ingestion(store: MemoryStore, state: IngestState) -> None:
+def stage_ingestion(store: MemoryStore, state: IngestState) -> None:
+    """Store the ingested document, staged: routing sees it once the server recorded its
+    acknowledgement (`MemoryStore.publish`)."""
     params = state.params
-    first = next(iter(state.staged.values()))
+    first = next(iter(state.pooled.values()))
     doc = StoredDocument(
-        gid=params.gid, num_tokens=state.num_tokens, num_chunks=first.pooled_k.shape[0], layers=dict(state.staged)
+        gid=params.gid, num_tokens=state.num_tokens, num_chunks=first.pooled_k.shape[0], layers=dict(state.pooled)
     )
-    state.staged.clear()
+    state.pooled.clear()
     try:
-        store.commit_document(params.memory_id, doc)
-        state.committed = True
-    except MemoryOperationError as exc:  # memory deleted meanwhile, duplicate id, budget
+        store.stage_document(params.memory_key, doc)
+        state.stored = True
+    except MemoryOperationError as exc:  # memory deleted meanwhile, ingestion discarded, budget
         state.error = str(exc)
         logger.warning("sglang-msa: document %d not stored: %s", params.gid, exc)
 
@@ -72,7 +74,7 @@ def empty_selection(like: torch.Tensor) -> LayerSelection:
 
 
 def route(
-    store: MemoryStore, memory_id: str, layer_id: int, router_q: torch.Tensor, options: MSAOptions,
+    store: MemoryStore, memory_key: str, layer_id: int, router_q: torch.Tensor, options: MSAOptions,
     like: torch.Tensor, kernels: str = "torch",
 ) -> LayerSelection:
     """Score the memory's documents for this request in this layer and keep the top-k.
@@ -81,15 +83,15 @@ def route(
     "triton" scores with the fused routing scan, "torch" with the reference.
     """
     try:
-        view = store.routing_view(memory_id, layer_id)
+        view = store.routing_view(memory_key, layer_id)
     except MemoryOperationError:  # the memory was deleted after the request was admitted
         return empty_selection(like)
     gids, scores = top_documents(view, router_q, options, kernels)
-    return read_selection(store, memory_id, layer_id, gids, scores, options, like, kernels)
+    return read_selection(store, memory_key, layer_id, gids, scores, options, like, kernels)
 
 
 def route_sharded(
-    store: MemoryStore, memory_id: str, layer_id: int, router_q: torch.Tensor, options: MSAOptions,
+    store: MemoryStore, memory_key: str, layer_id: int, router_q: torch.Tensor, options: MSAOptions,
     like: torch.Tensor, kernels: str, shard: MemoryShard,
 ) -> LayerSelection:
     """`route` under tensor parallelism: `router_q` holds this rank's query heads; the queries are
@@ -97,12 +99,12 @@ def route_sharded(
     global top-k (`sharding.MemoryShard`). Every rank calls it for the same request and layer."""
     router_q = shard.gather_heads(router_q)
     try:
-        view = store.routing_view(memory_id, layer_id)
+        view = store.routing_view(memory_key, layer_id)
         gids, scores = top_documents(view, router_q, options, kernels)
     except MemoryOperationError:  # deleted after admission: on every rank alike (same control step)
         gids, scores = [], []
     gids, scores = shard.global_top_k(gids, scores, options.top_k_docs)
-    return read_selection(store, memory_id, layer_id, gids, scores, options, like, kernels)
+    return read_selection(store, memory_key, layer_id, gids, scores, options, like, kernels)
 
 
 def top_documents(view: RoutingView, router_q: torch.Tensor, options: MSAOptions,
@@ -126,13 +128,13 @@ def top_documents(view: RoutingView, router_q: torch.Tensor, options: MSAOptions
 
 
 def read_selection(
-    store: MemoryStore, memory_id: str, layer_id: int, gids: list[int], scores: list[float], options: MSAOptions,
+    store: MemoryStore, memory_key: str, layer_id: int, gids: list[int], scores: list[float], options: MSAOptions,
     like: torch.Tensor, kernels: str,
 ) -> LayerSelection:
     """The selection of documents `gids` (best first): their content, read in place on the
     Triton path when it is on the device, else gathered."""
     try:
-        docs = store.documents(memory_id, gids)
+        docs = store.documents(memory_key, gids)
     except MemoryOperationError:  # the memory was deleted while this request routed
         return empty_selection(like)
     # a document deleted while this request routed is dropped from its selection

@@ -1,8 +1,10 @@
 """Document tensors on disk, for a server started with a memory directory.
 
     <memory_dir>/manifest.json                     what wrote the tensors (model, layers, chunking)
-    <memory_dir>/tensors/<memory_id>/memory.json         the memory's owner tenant (API keys)
-    <memory_dir>/tensors/<memory_id>/<gid>.safetensors   one committed document, all routed layers
+    <memory_dir>/tensors/<memory_key>/memory.json         the memory's name, owner tenant, placement
+    <memory_dir>/tensors/<memory_key>/<gid>.safetensors   one stored document, all routed layers
+
+(`memory_key`: the memory incarnation's key, see `server/metadata.py`.)
 
 Under tensor parallelism (`--tp N`) each rank keeps what it holds (its KV heads of every
 document's content, and the router keys of the documents it routes) under
@@ -41,7 +43,7 @@ from sglang_msa.memory_manager.store import (
 logger = logging.getLogger(__name__)
 
 FORMAT = "sglang-msa-document-1"
-MEMORY_FILE = "memory.json"  # in each memory's directory: {"owner": tenant or null, "placement": ...}
+MEMORY_FILE = "memory.json"  # in each memory's directory: {"memory_id": ..., "owner": tenant or null, "placement": ...}
 
 
 class ArchiveMismatchError(RuntimeError):
@@ -132,24 +134,24 @@ class DocumentArchive:
         else:
             write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps(fingerprint, indent=2)))
 
-    def memory_dir(self, memory_id: str) -> Path:
-        return self.tensors_dir / memory_id
+    def memory_dir(self, memory_key: str) -> Path:
+        return self.tensors_dir / memory_key
 
-    def document_path(self, memory_id: str, gid: int) -> Path:
-        return self.memory_dir(memory_id) / f"{gid}.safetensors"
+    def document_path(self, memory_key: str, gid: int) -> Path:
+        return self.memory_dir(memory_key) / f"{gid}.safetensors"
 
-    def create_memory(self, memory_id: str, owner: str | None, placement: str = "auto") -> None:
+    def create_memory(self, memory_key: str, memory_id: str, owner: str | None, placement: str = "auto") -> None:
         """The memory's directory, complete with its description, appears at once (rename)."""
         staging = self.tensors_dir / f".creating-{uuid.uuid4().hex}"
         staging.mkdir()
-        description = json.dumps({"owner": owner, "placement": placement})
+        description = json.dumps({"memory_id": memory_id, "owner": owner, "placement": placement})
         write_atomically(staging / MEMORY_FILE, lambda tmp: tmp.write_text(description))
-        os.replace(staging, self.memory_dir(memory_id))
+        os.replace(staging, self.memory_dir(memory_key))
         fsync_directory(self.tensors_dir)
 
-    def drop_memory(self, memory_id: str) -> None:
+    def drop_memory(self, memory_key: str) -> None:
         """Rename away (atomic), then delete: a crash leaves either the whole memory or none."""
-        path = self.memory_dir(memory_id)
+        path = self.memory_dir(memory_key)
         if not path.exists():
             return
         trash = self.tensors_dir / f".dropped-{uuid.uuid4().hex}"
@@ -157,16 +159,16 @@ class DocumentArchive:
         fsync_directory(self.tensors_dir)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def write_document(self, memory_id: str, doc: StoredDocument) -> None:
-        directory = self.memory_dir(memory_id)
+    def write_document(self, memory_key: str, doc: StoredDocument) -> None:
+        directory = self.memory_dir(memory_key)
         if not directory.is_dir():
-            raise MemoryOperationError(f"memory {memory_id!r} does not exist", 404)
+            raise MemoryOperationError(f"memory {memory_key!r} does not exist", 404)
         tensors, metadata = document_tensors(doc, router_keys=doc.router_rank == self.rank)
-        write_atomically(self.document_path(memory_id, doc.gid),
+        write_atomically(self.document_path(memory_key, doc.gid),
                          lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
-    def remove_document(self, memory_id: str, gid: int) -> None:
-        path = self.document_path(memory_id, gid)
+    def remove_document(self, memory_key: str, gid: int) -> None:
+        path = self.document_path(memory_key, gid)
         if path.exists():
             path.unlink()
             fsync_directory(path.parent)
@@ -188,7 +190,7 @@ class DocumentArchive:
                     logger.error("sglang-msa: skipping unreadable document file %s: %s", path, exc)
             description = json.loads((directory / MEMORY_FILE).read_text())
             memories[directory.name] = ArchivedMemory(description["owner"], sorted(docs, key=lambda doc: doc.gid),
-                                                      description.get("placement", "auto"))
+                                                      description.get("placement", "auto"), description.get("memory_id"))
         return memories
 
 
@@ -196,21 +198,21 @@ def common_to_all_ranks(memories: dict[str, ArchivedMemory], archive: DocumentAr
                         everyone: list[dict[str, list[int]]]) -> dict[str, ArchivedMemory]:
     """The memories and documents every tensor-parallel rank holds (`everyone`: each rank's
     memory ids and gids); what only some ranks hold is removed from this rank's archive."""
-    common = {memory_id: set.intersection(*(set(contents[memory_id]) for contents in everyone))
-              for memory_id in set.intersection(*(set(contents) for contents in everyone))}
+    common = {memory_key: set.intersection(*(set(contents[memory_key]) for contents in everyone))
+              for memory_key in set.intersection(*(set(contents) for contents in everyone))}
     kept = {}
-    for memory_id, archived in memories.items():
-        if memory_id not in common:
-            logger.warning("sglang-msa: memory %r is not on every rank (interrupted creation): removed", memory_id)
-            archive.drop_memory(memory_id)
+    for memory_key, archived in memories.items():
+        if memory_key not in common:
+            logger.warning("sglang-msa: memory %r is not on every rank (interrupted creation): removed", memory_key)
+            archive.drop_memory(memory_key)
             continue
         documents = []
         for doc in archived.documents:
-            if doc.gid in common[memory_id]:
+            if doc.gid in common[memory_key]:
                 documents.append(doc)
             else:
                 logger.warning("sglang-msa: document %d of %r is not on every rank (interrupted write): removed",
-                               doc.gid, memory_id)
-                archive.remove_document(memory_id, doc.gid)
-        kept[memory_id] = archived._replace(documents=documents)
+                               doc.gid, memory_key)
+                archive.remove_document(memory_key, doc.gid)
+        kept[memory_key] = archived._replace(documents=documents)
     return kept

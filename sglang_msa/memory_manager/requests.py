@@ -3,12 +3,15 @@
 A request takes part in MSA through `sampling_params.custom_params["msa"]` (a JSON object that
 survives SGLang's IPC), validated here when the scheduler receives the request:
 
-- `{"op": "query", "memory_id": ..., "routing_spans": [[start, end], ...], "template_tokens": T}`:
-  a question over a memory; the tokens of the spans route (role 0 of the spec: the question, and
-  in later interleave rounds also the newest injected documents). Routing runs once at prefill in
-  every routed layer; the selection is frozen for decode.
-- `{"op": "ingest", "memory_id": ..., "gid": ...}`: the request's prompt is one document; its
-  routed layers are pooled into the memory when its prefill completes.
+- `{"op": "query", "memory_key": ..., "grant": ..., "routing_spans": [[start, end], ...],
+  "template_tokens": T}`: a question over a memory; the tokens of the spans route (role 0 of the
+  spec: the question, and in later interleave rounds also the newest injected documents).
+  Routing runs once at prefill in every routed layer; the selection is frozen for decode. The
+  memory API names the memory incarnation it resolved (`memory_key`) with its grant; without
+  API keys, SGLang's own endpoints (the frontend DSL) may name the memory instead (`memory_id`).
+- `{"op": "ingest", "memory_key": ..., "gid": ..., "grant": ...}`: the request's prompt is one
+  document; its routed layers are pooled and the document staged in the memory when its prefill
+  completes (the memory API alone ingests: the grant is required).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Callable, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from sglang_msa.memory_manager.store import LayerTensors
 
@@ -29,13 +32,20 @@ CUSTOM_PARAMS_KEY = "msa"
 class QueryParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     op: Literal["query"] = "query"
-    memory_id: str = Field(min_length=1)
+    memory_id: str | None = Field(None, min_length=1, description="the memory's name (without API keys)")
+    memory_key: str | None = Field(None, min_length=1, description="the memory incarnation (the memory API's)")
     routing_spans: list[tuple[int, int]] | None = Field(
         None, min_length=1,
         description="token index ranges [start, end) whose tokens route; default: every token after the template",
     )
     template_tokens: int = Field(0, ge=0, description="leading prompt tokens that precede the memory")
-    grant: str | None = Field(None, description="with API keys: the memory API's grant (grants.py)")
+    grant: str | None = Field(None, description="the memory API's grant for memory_key (grants.py)")
+
+    @model_validator(mode="after")
+    def _one_memory(self):
+        if (self.memory_id is None) == (self.memory_key is None):
+            raise ValueError("name the memory by exactly one of memory_id and memory_key")
+        return self
 
     def spans_within(self, prompt_len: int) -> list[tuple[int, int]] | str:
         """The routing spans, or why they are invalid for a prompt of prompt_len tokens: each
@@ -53,9 +63,9 @@ class QueryParams(BaseModel):
 class IngestParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     op: Literal["ingest"]
-    memory_id: str = Field(min_length=1)
+    memory_key: str = Field(min_length=1)
     gid: int = Field(ge=0)
-    grant: str | None = None
+    grant: str = Field(description="the memory API's grant (grants.py)")
 
 
 RequestParams = Annotated[Union[QueryParams, IngestParams], Field(discriminator="op")]
@@ -144,10 +154,10 @@ class QueryState:
 class IngestState:
     params: IngestParams
     num_tokens: int
-    staged: dict[int, LayerTensors] = field(default_factory=dict)
+    pooled: dict[int, LayerTensors] = field(default_factory=dict)  # per routed layer, once its prefill completes
     # per routed layer, the router keys of the passes so far (chunked prefill; MSA checkpoints)
     router_keys: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    committed: bool = False
+    stored: bool = False  # staged in the memory, awaiting the server's publish or discard
     error: str | None = None
     last_access: float = field(default_factory=time.monotonic)
 

@@ -95,6 +95,11 @@ class ControlBatch:
     messages: list[bytes]
 
 
+def reserved_rid_error(rid: str) -> str:
+    return (f"rid {rid!r} is reserved: request ids starting with {grants.RESERVED_RID_PREFIX!r} (or prefixing it) "
+            "belong to the memory API")
+
+
 def _bypass_prefix_cache(req) -> None:
     """Neither reuse nor publish prefix-cache entries for this request."""
     req.extra_key = f"msa:{req.rid}"
@@ -168,32 +173,49 @@ class MemoryService:
 
     # ------------------------------------------------------------------ admission
     def admit_request(self, req) -> str | None:
-        """Register an MSA request's state; return an error message to abort it with, or None."""
+        """Register an MSA request's state; return an error message to abort it with, or None.
+
+        A memory is reached only through the memory API's grant for the incarnation it resolved,
+        or, without API keys, by name from SGLang's own endpoints (queries only). Anything else
+        is answered as if the memory did not exist. The memory API's request ids are reserved
+        for requests carrying its grant, so no other caller can abort them by rid prefix."""
         custom = getattr(req.sampling_params, "custom_params", None) or {}
+        reserved = grants.is_reserved_rid(req.rid)
         if CUSTOM_PARAMS_KEY not in custom:
-            return None
+            return reserved_rid_error(req.rid) if reserved else None
         if self.registry.get(req.rid) is not None:  # a retracted request coming back: keep its state
             return None
         try:
             params = parse_request_params(custom[CUSTOM_PARAMS_KEY])
         except ValidationError as exc:
             return f"custom_params.msa is invalid: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+        if reserved and params.memory_key is None:
+            return reserved_rid_error(req.rid)
+        memory_key = self.resolve_memory(params, req.rid)
+        if memory_key is None:
+            return f"memory {params.memory_id or params.memory_key!r} does not exist"
+        params = params.model_copy(update={"memory_key": memory_key})
         prompt_len = len(req.origin_input_ids)
-        if not self.store.exists(params.memory_id):
-            return f"memory {params.memory_id!r} does not exist"
-        if self.options.api_keys_file is not None and not grants.verify(
-            self.store.owner(params.memory_id), params.memory_id, params.grant
-        ):
-            return f"no grant for memory {params.memory_id!r}: with API keys, memories are reached through /v1/memories"
         if isinstance(params, IngestParams):
             return self._admit_ingest(req, params, prompt_len)
         return self._admit_query(req, params, prompt_len)
 
+    def resolve_memory(self, params: QueryParams | IngestParams, rid: str) -> str | None:
+        """The key of the memory the request may reach, or None (absent, or not the caller's)."""
+        if params.memory_key is not None:
+            key = params.memory_key
+            if self.store.exists(key) and grants.verify(self.store.owner(key), key, rid, params.grant):
+                return key
+            return None
+        if self.options.api_keys_file is not None:  # tenants' memories only through the memory API
+            return None
+        return self.store.find(None, params.memory_id)
+
     def _admit_ingest(self, req, params: IngestParams, prompt_len: int) -> str | None:
         if prompt_len > self.options.max_document_tokens:
             return f"document has {prompt_len} tokens; max_document_tokens is {self.options.max_document_tokens}"
-        if self.store.has_document(params.memory_id, params.gid):
-            return f"document {params.gid} already exists in memory {params.memory_id!r}"
+        if not self.store.can_stage(params.memory_key, params.gid):
+            return f"document {params.gid} was stored, removed or discarded already"
         self.registry.put(req.rid, IngestState(params=params, num_tokens=prompt_len))
         _bypass_prefix_cache(req)  # every token's router keys must be computed in this request
         return None
@@ -210,7 +232,7 @@ class MemoryService:
         self.registry.put(
             req.rid,
             QueryState(params=params, prompt_len=prompt_len, routing_spans=spans,
-                       position_offset=self.position_offset(params.memory_id)),
+                       position_offset=self.position_offset(params.memory_key)),
         )
         _bypass_prefix_cache(req)  # upper-layer KV depends on the selection: never share it
         return None
@@ -222,13 +244,13 @@ class MemoryService:
                 self.store.unpin(selection.pinned)
                 selection.pinned = []
 
-    def position_offset(self, memory_id: str) -> int:
+    def position_offset(self, memory_key: str) -> int:
         if self.options.position_offset != "auto":
             return self.options.position_offset
         if self.facts.is_msa_checkpoint:
             return 3 + self.options.top_k_docs
         # training-free: every document's positions 0..n-1 precede the first local token
-        return self.store.max_document_tokens(memory_id)
+        return self.store.max_document_tokens(memory_key)
 
     # ------------------------------------------------------------------ control channel
     def start_control_thread(self, address: str) -> None:
@@ -288,19 +310,23 @@ class MemoryService:
     def handle(self, message) -> dict:
         store = self.store
         if isinstance(message, protocol.CreateMemory):
-            return {"created": store.create(message.memory_id, message.owner, message.placement)}
+            return {"created": store.create(message.memory_key, message.memory_id, message.owner, message.placement)}
         if isinstance(message, protocol.DropMemory):
-            return {"dropped": store.drop(message.memory_id)}
+            return {"dropped": store.drop(message.memory_key)}
         if isinstance(message, protocol.RemoveDocument):
-            return {"removed": store.remove_document(message.memory_id, message.gid)}
+            return {"removed": store.remove_document(message.memory_key, message.gid)}
+        if isinstance(message, protocol.PublishDocuments):
+            return {"published": store.publish(message.memory_key, message.gids)}
+        if isinstance(message, protocol.DiscardDocuments):
+            return {"discarded": store.discard(message.memory_key, message.gids)}
         if isinstance(message, protocol.MemoryStats):
-            return self._summed_over_ranks(store.stats(message.memory_id))
+            return self._summed_over_ranks(store.stats(message.memory_key))
         if isinstance(message, protocol.TakeReport):
             return self.take_report(message.rid)
         if isinstance(message, protocol.ListContents):
             return {"memories": store.contents()}
         if isinstance(message, protocol.StoreStats):
-            memories = {memory_id: self._summed_over_ranks(stats) for memory_id, stats in store.all_stats().items()}
+            memories = {memory_key: self._summed_over_ranks(stats) for memory_key, stats in store.all_stats().items()}
             held = self.registry.held_bytes()
             if self.shard is not None:
                 held = sum(self.shard.gather_objects(held))
@@ -319,6 +345,12 @@ class MemoryService:
         summed["routed_documents"] = sum(r["routed_documents"] for r in ranks)
         summed["routed_documents_per_rank"] = [r["routed_documents"] for r in ranks]
         return summed
+
+    def may_abort(self, rid: str, abort_all: bool) -> bool:
+        """Whether SGLang may run this abort: it matches requests by rid prefix, so an abort
+        whose rid is, or prefixes, the memory API's reserved rids runs only when it names a
+        memory request exactly (its client went away); no memory API rid prefixes another."""
+        return abort_all or not grants.is_reserved_rid(rid) or self.registry.get(rid) is not None
 
     def release_aborted(self, rid: str, abort_all: bool) -> None:
         """SGLang aborted the requests whose rid starts with `rid` (their client went away, or an
@@ -341,4 +373,4 @@ class MemoryService:
             raise MemoryOperationError(f"no MSA state for request {rid!r}", 404)
         if isinstance(state, QueryState):
             return {"kind": "query", **state.report()}
-        return {"kind": "ingest", "committed": state.committed, "error": state.error, "num_tokens": state.num_tokens}
+        return {"kind": "ingest", "stored": state.stored, "error": state.error, "num_tokens": state.num_tokens}

@@ -1,10 +1,15 @@
 """The memories of one scheduler process.
 
-A memory maps document ids (`gid`, assigned in insertion order by the server's metadata layer)
+Memories are known by their incarnation key (`memory_key`, made by the server's metadata layer
+at each creation and never reused), not by the name a tenant gave them, so a write aimed at a
+memory that was deleted can only miss its successor of the same name. A memory maps document ids (`gid`, assigned in insertion order by the server's metadata layer)
 to where the document's routed-layer tensors live: slots of the memory slot pools
 (`tiers.MemorySlots`: router keys in the device's key pool, pooled K̄ / V̄ and, in
 full-resolution mode, token K / V in the content pools of the memory's tier). Adding a document
-allocates its slots and writes them, deleting it frees them; nothing else moves. The routing
+allocates its slots and writes them, deleting it frees them; nothing else moves. A document
+arrives *staged* (slots written, durable on disk, invisible to routing) and becomes visible when
+the server has recorded its acknowledgement (`publish`); an ingestion that fails or is aborted
+is discarded and its gid retired, so a request still under way for it can never stage it. The routing
 view of a memory (its documents in order, their chunk layout and key slots) is rebuilt lazily
 once per change, not per query; the keys themselves are read in place.
 
@@ -142,10 +147,13 @@ class _MemoryIndex:
 
 @dataclass
 class Memory:
-    memory_id: str
-    owner: str | None = None  # the tenant whose grants reach it (API keys enabled)
+    memory_key: str
+    memory_id: str  # its name in its owner's namespace
+    owner: str | None = None  # the tenant whose grants reach it (None: no API keys)
     placement: Placement = "auto"
-    documents: dict[int, DocumentSlots] = field(default_factory=dict)
+    documents: dict[int, DocumentSlots] = field(default_factory=dict)  # published: routing selects them
+    staged: dict[int, DocumentSlots] = field(default_factory=dict)  # stored, acknowledgement not yet recorded
+    retired: set[int] = field(default_factory=set)  # gids discarded or removed: never staged again
     version: int = 0
     _index: _MemoryIndex | None = None
     _index_version: int = -1
@@ -160,15 +168,16 @@ class ArchivedMemory(NamedTuple):
     owner: str | None
     documents: list[StoredDocument]
     placement: Placement = "auto"
+    memory_id: str | None = None  # its name (None: written before names and keys were told apart)
 
 
 class DurableBacking(Protocol):
     """Where committed memories are also written (`persistence.DocumentArchive`), if anywhere."""
 
-    def create_memory(self, memory_id: str, owner: str | None, placement: Placement) -> None: ...
-    def drop_memory(self, memory_id: str) -> None: ...
-    def write_document(self, memory_id: str, doc: StoredDocument) -> None: ...
-    def remove_document(self, memory_id: str, gid: int) -> None: ...
+    def create_memory(self, memory_key: str, memory_id: str, owner: str | None, placement: Placement) -> None: ...
+    def drop_memory(self, memory_key: str) -> None: ...
+    def write_document(self, memory_key: str, doc: StoredDocument) -> None: ...
+    def remove_document(self, memory_key: str, gid: int) -> None: ...
 
 
 class MemoryStore:
@@ -193,72 +202,119 @@ class MemoryStore:
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ control operations
-    def create(self, memory_id: str, owner: str | None = None, placement: Placement = "auto") -> bool:
-        """Create an empty memory; False if it already exists."""
+    def create(self, memory_key: str, memory_id: str | None = None, owner: str | None = None,
+               placement: Placement = "auto") -> bool:
+        """Create an empty memory (named `memory_id`, by default its key); False if the key exists."""
+        memory_id = memory_id or memory_key
         with self._lock:
-            if memory_id in self._memories:
+            if memory_key in self._memories:
                 return False
             if placement == "host" and self.host_budget_bytes == 0:
                 raise MemoryOperationError("placement 'host' needs host memory: host_memory_budget_mb is 0", 422)
             if self.backing is not None:
-                self.backing.create_memory(memory_id, owner, placement)
-            self._memories[memory_id] = Memory(memory_id, owner, placement)
+                self.backing.create_memory(memory_key, memory_id, owner, placement)
+            self._memories[memory_key] = Memory(memory_key, memory_id, owner, placement)
             return True
 
-    def drop(self, memory_id: str) -> bool:
+    def find(self, owner: str | None, memory_id: str) -> str | None:
+        """The key of `owner`'s memory named `memory_id`, if there is one."""
         with self._lock:
-            memory = self._memories.pop(memory_id, None)
+            return next((key for key, memory in self._memories.items()
+                         if memory.owner == owner and memory.memory_id == memory_id), None)
+
+    def drop(self, memory_key: str) -> bool:
+        with self._lock:
+            memory = self._memories.pop(memory_key, None)
             if memory is None:
                 return False
             if self.backing is not None:
-                self.backing.drop_memory(memory_id)
-            for doc in memory.documents.values():
+                self.backing.drop_memory(memory_key)
+            for doc in [*memory.documents.values(), *memory.staged.values()]:
                 self._forget(doc)
             return True
 
-    def remove_document(self, memory_id: str, gid: int) -> bool:
+    def remove_document(self, memory_key: str, gid: int) -> bool:
+        """Forget a published or staged document and retire its gid; False if there was none."""
         with self._lock:
-            memory = self._require(memory_id)
+            memory = self._require(memory_key)
+            memory.retired.add(gid)
             doc = memory.documents.pop(gid, None)
+            if doc is not None:
+                memory.version += 1
+            else:
+                doc = memory.staged.pop(gid, None)
             if doc is None:
                 return False
             if self.backing is not None:
-                self.backing.remove_document(memory_id, gid)
+                self.backing.remove_document(memory_key, gid)
             self._forget(doc)
-            memory.version += 1
             return True
 
-    def commit_document(self, memory_id: str, doc: StoredDocument) -> None:
-        """Make a fully pooled document visible to routing (all routed layers at once), after
-        it is durable when the store has a backing."""
+    def publish(self, memory_key: str, gids: list[int]) -> list[int]:
+        """Make staged documents visible to routing; the gids published (a memory deleted
+        meanwhile, or a document removed meanwhile, publishes nothing)."""
         with self._lock:
-            memory = self._require(memory_id)
-            if doc.gid in memory.documents:
-                raise MemoryOperationError(f"document {doc.gid} already exists in memory {memory_id!r}", 409)
+            memory = self._memories.get(memory_key)
+            published = [gid for gid in gids if memory is not None and gid in memory.staged]
+            for gid in published:
+                memory.documents[gid] = memory.staged.pop(gid)
+            if published:
+                memory.version += 1
+            return published
+
+    def discard(self, memory_key: str, gids: list[int]) -> int:
+        """Drop staged documents and retire their gids (a failed or aborted ingestion); how many
+        were staged. Published documents are left alone: their acknowledgement was recorded."""
+        with self._lock:
+            memory = self._memories.get(memory_key)
+            if memory is None:
+                return 0
+            staged = [gid for gid in gids if gid in memory.staged]
+            memory.retired.update(gid for gid in gids if gid not in memory.documents)
+            for gid in staged:
+                self.remove_document(memory_key, gid)
+            return len(staged)
+
+    def commit_document(self, memory_key: str, doc: StoredDocument) -> None:
+        """Stage and publish at once: a document with no acknowledgement to wait for (the store
+        used on its own, as in benchmarks and tests)."""
+        with self._lock:
+            self.stage_document(memory_key, doc)
+            self.publish(memory_key, [doc.gid])
+
+    def stage_document(self, memory_key: str, doc: StoredDocument) -> None:
+        """Store a fully pooled document (all routed layers at once, durable when the store has a
+        backing), invisible to routing until `publish`."""
+        with self._lock:
+            memory = self._require(memory_key)
+            if doc.gid in memory.documents or doc.gid in memory.staged or doc.gid in memory.retired:
+                raise MemoryOperationError(f"document {doc.gid} of this memory was stored, removed or discarded "
+                                           "already", 409)
             placed = self._place_everywhere(memory, doc)
             doc = replace(doc, router_rank=placed.router_rank)
             try:
                 if self.backing is not None:
-                    self._write_everywhere(memory_id, doc)
-                self._publish(memory, placed, doc)
+                    self._write_everywhere(memory_key, doc)
+                self._write(memory, placed, doc)
             except BaseException:
                 self.slots.release(placed)
                 raise
+            memory.staged[doc.gid] = placed
 
-    def _write_everywhere(self, memory_id: str, doc: StoredDocument) -> None:
+    def _write_everywhere(self, memory_key: str, doc: StoredDocument) -> None:
         """Write the document to the backing; sharded, every rank must succeed, or none keeps it."""
         if self.shard is None:
-            self.backing.write_document(memory_id, doc)
+            self.backing.write_document(memory_key, doc)
             return
         try:
-            self.backing.write_document(memory_id, doc)
+            self.backing.write_document(memory_key, doc)
             failure = None
         except Exception as exc:  # a full disk on one rank: refused on all, not a crash
             failure = exc
         if self.shard.agree(failure is None):
             return
         if failure is None:
-            self.backing.remove_document(memory_id, doc.gid)
+            self.backing.remove_document(memory_key, doc.gid)
         raise MemoryOperationError(f"document {doc.gid} could not be written to the memory directory on every "
                                    f"tensor-parallel rank{f': {failure}' if failure else ''}", 500)
 
@@ -266,8 +322,9 @@ class MemoryStore:
         """Load memories read back from the backing (start-up). A directory holding more than the
         budgets allow is refused with the numbers, not partly loaded."""
         with self._lock:
-            for memory_id, archived in memories.items():
-                memory = self._memories.setdefault(memory_id, Memory(memory_id, archived.owner, archived.placement))
+            for memory_key, archived in memories.items():
+                memory = self._memories.setdefault(memory_key, Memory(
+                    memory_key, archived.memory_id or memory_key, archived.owner, archived.placement))
                 for doc in archived.documents:
                     try:
                         placed = self._place(memory, doc, router_rank=doc.router_rank)
@@ -275,7 +332,9 @@ class MemoryStore:
                         raise MemoryOperationError(
                             f"the memory directory holds more than this server's budgets: {exc}; start with larger "
                             f"memory_budget_mb / host_memory_budget_mb", 507) from exc
-                    self._publish(memory, placed, doc)
+                    self._write(memory, placed, doc)
+                    memory.documents[doc.gid] = placed
+                memory.version += 1
 
     def reserve(self, layout: SlotLayout) -> None:
         """Allocate the slot pools now (start-up), instead of with the first document."""
@@ -315,10 +374,9 @@ class MemoryStore:
         except SlotsExhausted as exc:
             raise MemoryOperationError(str(exc), 507) from exc
 
-    def _publish(self, memory: Memory, placed: DocumentSlots, doc: StoredDocument) -> None:
+    def _write(self, memory: Memory, placed: DocumentSlots, doc: StoredDocument) -> None:
+        """Write the document's tensors into its slots and count them (visible to nothing yet)."""
         self.slots.write(placed, doc.layers)
-        memory.documents[placed.gid] = placed
-        memory.version += 1
         self._routed_chunks[placed.router_rank] += placed.num_chunks
         for tier, size in self.slots.nbytes(placed).items():
             self._used_bytes[tier] += size
@@ -355,28 +413,29 @@ class MemoryStore:
                         self._release(doc)
 
     # ------------------------------------------------------------------ reads
-    def exists(self, memory_id: str) -> bool:
+    def exists(self, memory_key: str) -> bool:
         with self._lock:
-            return memory_id in self._memories
+            return memory_key in self._memories
 
-    def owner(self, memory_id: str) -> str | None:
+    def owner(self, memory_key: str) -> str | None:
         with self._lock:
-            return self._require(memory_id).owner
+            return self._require(memory_key).owner
 
-    def has_document(self, memory_id: str, gid: int) -> bool:
+    def can_stage(self, memory_key: str, gid: int) -> bool:
+        """Whether document `gid` may still be staged in the memory (never stored, removed or discarded)."""
         with self._lock:
-            memory = self._memories.get(memory_id)
-            return memory is not None and gid in memory.documents
+            memory = self._memories.get(memory_key)
+            return memory is not None and not ({gid} & (memory.documents.keys() | memory.staged.keys() | memory.retired))
 
-    def max_document_tokens(self, memory_id: str) -> int:
+    def max_document_tokens(self, memory_key: str) -> int:
         with self._lock:
-            return self._require(memory_id).max_document_tokens()
+            return self._require(memory_key).max_document_tokens()
 
-    def routing_view(self, memory_id: str, layer_id: int) -> RoutingView:
+    def routing_view(self, memory_key: str, layer_id: int) -> RoutingView:
         """The memory's router keys in `layer_id`; its document order and chunk layout are
         rebuilt only after the memory changed."""
         with self._lock:
-            memory = self._require(memory_id)
+            memory = self._require(memory_key)
             if memory._index_version != memory.version:
                 gids = [gid for gid, doc in memory.documents.items() if doc.holds_keys]  # this rank's shard
                 docs = [memory.documents[gid] for gid in gids]
@@ -387,11 +446,11 @@ class MemoryStore:
                 memory._index_version = memory.version
             return RoutingView(memory._index, layer_id, self.slots)
 
-    def documents(self, memory_id: str, gids: list[int]) -> list[DocumentSlots]:
+    def documents(self, memory_key: str, gids: list[int]) -> list[DocumentSlots]:
         """Those of `gids` that are still in the memory, in order (a routing view taken earlier
         may name documents deleted since)."""
         with self._lock:
-            memory = self._require(memory_id)
+            memory = self._require(memory_key)
             return [memory.documents[gid] for gid in gids if gid in memory.documents]
 
     def content(self, docs: list[DocumentSlots], layer_id: int, content: str,
@@ -407,26 +466,27 @@ class MemoryStore:
         with self._lock:
             return self.slots.content_in_place(docs, layer_id, content)
 
-    def document_tensors(self, memory_id: str, gid: int) -> StoredDocument:
+    def document_tensors(self, memory_key: str, gid: int) -> StoredDocument:
         """A stored document's tensors (copies)."""
         with self._lock:
-            doc = self._require(memory_id).documents[gid]
+            doc = self._require(memory_key).documents[gid]
             layers = self.slots.read_document(doc, self.slots.layout.layers)
             return StoredDocument(gid=gid, num_tokens=doc.num_tokens, num_chunks=doc.num_chunks,
                                   layers={layer: LayerTensors(**parts) for layer, parts in layers.items()})
 
     def contents(self) -> dict[str, list[int]]:
-        """Every memory and its document ids."""
+        """Every memory and its document ids, staged ones included."""
         with self._lock:
-            return {memory_id: sorted(memory.documents) for memory_id, memory in self._memories.items()}
+            return {memory_key: sorted([*memory.documents, *memory.staged])
+                    for memory_key, memory in self._memories.items()}
 
     def used_bytes(self) -> int:
         with self._lock:
             return sum(self._used_bytes.values())
 
-    def stats(self, memory_id: str) -> dict:
+    def stats(self, memory_key: str) -> dict:
         with self._lock:
-            memory = self._require(memory_id)
+            memory = self._require(memory_key)
             docs = list(memory.documents.values())
             by_tier = {"device": 0, "host": 0}
             for doc in docs:
@@ -445,7 +505,7 @@ class MemoryStore:
 
     def all_stats(self) -> dict[str, dict]:
         with self._lock:
-            return {memory_id: self.stats(memory_id) for memory_id in self._memories}
+            return {memory_key: self.stats(memory_key) for memory_key in self._memories}
 
     def capacity(self) -> dict:
         """Budgets and, once the slots exist, free and total chunk slots per tier."""
@@ -456,8 +516,8 @@ class MemoryStore:
                                          for tier, pool in self.slots.chunk_pools.items()}
             return result
 
-    def _require(self, memory_id: str) -> Memory:
-        memory = self._memories.get(memory_id)
+    def _require(self, memory_key: str) -> Memory:
+        memory = self._memories.get(memory_key)
         if memory is None:
-            raise MemoryOperationError(f"memory {memory_id!r} does not exist", 404)
+            raise MemoryOperationError(f"memory {memory_key!r} does not exist", 404)
         return memory

@@ -1,8 +1,9 @@
 """Optional API keys per tenant for the memory API (`api_keys_file` option).
 
 The file maps keys to tenant names: `{"keys": {"<api key>": "<tenant>", ...}}`. With it, every
-`/v1/memories` request needs `Authorization: Bearer <key>` (401 otherwise); a memory belongs to
-the tenant that created it, other tenants get 403, and listing shows the caller's memories only.
+`/v1/memories` request needs `Authorization: Bearer <key>` (401 otherwise). Each tenant has its
+own namespace of memory ids; another tenant's memories do not exist for it (404). The server's
+admin key (`--admin-api-key`, required with tenants) reads the server-wide statistics.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 # the tenant of the request being served (None: keys disabled, or an in-process Engine caller)
 caller_tenant: ContextVar[str | None] = ContextVar("sglang_msa_caller_tenant", default=None)
+# whether the request being served presented the server's admin key (with API keys)
+caller_is_admin: ContextVar[bool] = ContextVar("sglang_msa_caller_is_admin", default=False)
 
 
 class APIKeys(BaseModel):
@@ -47,13 +50,17 @@ def load_api_keys(path: str | Path) -> APIKeys:
     return keys
 
 
-def authenticate_request(request: Request, keys: APIKeys | None) -> str | None:
-    """The caller's tenant (None with keys disabled); raises 401 without a known key."""
+def authenticate_request(request: Request, keys: APIKeys | None, admin_key: str | None) -> tuple[str | None, bool]:
+    """(the caller's tenant, whether it presented the admin key); (None, False) with keys
+    disabled; raises 401 without a known key."""
     if keys is None:
-        return None
+        return None, False
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
-    tenant = keys.tenant_of(presented.strip()) if scheme.lower() == "bearer" and presented.strip() else None
+    presented = presented.strip() if scheme.lower() == "bearer" else ""
+    if presented and admin_key and hmac.compare_digest(admin_key.encode(), presented.encode()):
+        return None, True
+    tenant = keys.tenant_of(presented) if presented else None
     if tenant is None:
         raise APIError(401, "a valid API key is required: Authorization: Bearer <key>", "authorization")
-    return tenant
+    return tenant, False

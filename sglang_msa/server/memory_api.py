@@ -3,6 +3,11 @@
 Control operations go to the scheduler over ZMQ (`memory_manager.client`); documents and
 queries are ordinary SGLang generate requests carrying `custom_params["msa"]`, so the scheduler
 batches them with everything else.
+
+A caller names a memory within its tenant's namespace; the API resolves the name to the
+memory's current incarnation (`metadata.MemoryRecord`) once per operation and from then on
+speaks to the scheduler about that incarnation's key alone, each request with a grant bound to
+its rid. Whatever is not the caller's answers exactly like what does not exist (404).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from sglang_msa.memory_manager.client import AsyncControlClient
 from sglang_msa.memory_manager.requests import QueryParams
 from sglang_msa.memory_manager.store import MemoryOperationError
 from sglang_msa.server import schemas
-from sglang_msa.server.auth import caller_tenant, load_api_keys
+from sglang_msa.server.auth import caller_is_admin, caller_tenant, load_api_keys
 from sglang_msa.server.errors import APIError
 from sglang_msa.server.interleave import (
     ROUND_SAMPLING_PARAMS,
@@ -28,8 +33,9 @@ from sglang_msa.server.interleave import (
     extract_answer,
     run_interleave,
 )
-from sglang_msa.server.metadata import DocumentRecord, MetadataStore
+from sglang_msa.server.metadata import NO_TENANT, DocumentRecord, MemoryRecord, MetadataStore
 from sglang_msa.models.msa_config import MSA_MODEL_TYPE, wrap_document
+from sglang_msa.server.request_checks import check_input_ids, checked_sampling_params
 from sglang_msa.server.prompting import (
     MemoryPrompt,
     build_chat_prompt,
@@ -65,6 +71,15 @@ def finish_reason(meta_info: dict) -> str | None:
     return "length" if kind == "length" else "stop"
 
 
+def completed(out: dict) -> dict:
+    """A generate output, or 503 when SGLang aborted the request (its client went away, or the
+    admin aborted it): an aborted output has no usage to report."""
+    reason = out["meta_info"].get("finish_reason")
+    if isinstance(reason, dict) and reason.get("type") == "abort":
+        raise APIError(503, f"the request was aborted: {reason.get('message') or 'no reason given'}")
+    return out
+
+
 def metadata_path(options: MSAOptions) -> str | Path:
     if options.memory_dir is None:
         return ":memory:"
@@ -86,6 +101,7 @@ class MemoryAPI:
     def __init__(self, tokenizer_manager, options: MSAOptions):
         self.tokenizer_manager = tokenizer_manager
         self.tokenizer = tokenizer_manager.tokenizer
+        self.vocab_size = tokenizer_manager.model_config.vocab_size
         self.options = options
         self.metadata = MetadataStore(metadata_path(options))
         self.control = AsyncControlClient(tokenizer_manager.server_args.port)
@@ -93,6 +109,8 @@ class MemoryAPI:
         self.is_msa_checkpoint = getattr(hf_config, "model_type", None) == MSA_MODEL_TYPE
         self.interleave_prompts = InterleavePrompts(self.tokenizer) if self.is_msa_checkpoint else None
         self.api_keys = load_api_keys(options.api_keys_file) if options.api_keys_file else None
+        # a token covers at most this many characters: longer documents are refused untokenized
+        self.max_token_chars = max(len(token) for token in self.tokenizer.get_vocab())
 
     @property
     def keys_enabled(self) -> bool:
@@ -107,20 +125,22 @@ class MemoryAPI:
         is removed, so nothing unacknowledged appears and nothing deleted comes back.
         """
         held = (await self.control_request(protocol.ListContents()))["memories"]
-        recorded, owners = self.metadata.contents(), self.metadata.owners()
+        recorded, records = self.metadata.contents(), self.metadata.memories()
         dropped = removed = forgotten = 0
-        for memory_id in held.keys() - recorded.keys():
-            await self.control_request(protocol.DropMemory(memory_id=memory_id))
+        for memory_key in held.keys() - recorded.keys():
+            await self.control_request(protocol.DropMemory(memory_key=memory_key))
             dropped += 1
-        for memory_id, gids in recorded.items():
-            if memory_id not in held:
-                await self.control_request(protocol.CreateMemory(memory_id=memory_id, owner=owners[memory_id]))
-            tensors = set(held.get(memory_id, []))
+        for memory_key, gids in recorded.items():
+            if memory_key not in held:
+                record = records[memory_key]
+                await self.control_request(protocol.CreateMemory(
+                    memory_key=memory_key, memory_id=record.memory_id, owner=record.owner or None))
+            tensors = set(held.get(memory_key, []))
             for gid in sorted(tensors - gids):
-                await self.control_request(protocol.RemoveDocument(memory_id=memory_id, gid=gid))
+                await self.control_request(protocol.RemoveDocument(memory_key=memory_key, gid=gid))
                 removed += 1
             if gids - tensors:
-                self.metadata.forget_documents(memory_id, sorted(gids - tensors))
+                self.metadata.forget_documents(memory_key, sorted(gids - tensors))
                 forgotten += len(gids - tensors)
         if dropped or removed or forgotten:
             logger.warning("sglang-msa: reconciled memories after a restart: %d unrecorded memories dropped, "
@@ -133,17 +153,28 @@ class MemoryAPI:
         except MemoryOperationError as exc:
             raise APIError(exc.status, str(exc)) from exc
 
-    def require_memory(self, memory_id: str) -> None:
-        """The memory exists (404) and, with API keys, belongs to the caller's tenant (403)."""
-        exists, owner = self.metadata.memory_owner(memory_id)
-        if not exists:
-            raise APIError(404, f"memory {memory_id!r} does not exist", "memory_id")
-        if self.keys_enabled and owner != caller_tenant.get():
-            raise APIError(403, f"memory {memory_id!r} belongs to another tenant", "memory_id")
+    def namespace(self) -> str:
+        """The caller's namespace of memory ids: its tenant ("" without API keys)."""
+        if not self.keys_enabled:
+            return NO_TENANT
+        tenant = caller_tenant.get()
+        if tenant is None:
+            raise APIError(403, "the admin key reads server statistics only; memories belong to tenants' keys",
+                           "authorization")
+        return tenant
 
-    def grant_params(self, memory_id: str) -> dict:
-        """With API keys: the caller tenant's grant for the memory, checked by the scheduler."""
-        return {"grant": grants.grant(caller_tenant.get(), memory_id)} if self.keys_enabled else {}
+    def require_memory(self, memory_id: str) -> MemoryRecord:
+        """The caller's memory named `memory_id`; 404 otherwise, whether it is another tenant's
+        or nobody's."""
+        record = self.metadata.find_memory(self.namespace(), memory_id)
+        if record is None:
+            raise APIError(404, f"memory {memory_id!r} does not exist", "memory_id")
+        return record
+
+    def memory_params(self, record: MemoryRecord, rid: str) -> dict:
+        """What a request names the memory by in `custom_params["msa"]`: the incarnation and the
+        grant for this request (checked by the scheduler)."""
+        return {"memory_key": record.memory_key, "grant": grants.grant(record.owner or None, record.memory_key, rid)}
 
     def generate(self, input_ids: list[int], sampling_params: dict, msa: dict, rid: str, stream: bool = False,
                  **request_fields):
@@ -156,12 +187,12 @@ class MemoryAPI:
                                    **request_fields)
         return self.tokenizer_manager.generate_request(request, None)
 
-    async def retrieved(self, memory_id: str, rid: str, details: bool) -> dict:
+    async def retrieved(self, record: MemoryRecord, rid: str, details: bool) -> dict:
         """The finished query's documents: ranked union over layers, and per layer on request."""
         report = await self.control_request(protocol.TakeReport(rid=rid))
-        records = self.metadata.documents_by_gid(memory_id, report["ranked_gids"])
+        records = self.metadata.documents_by_gid(record.memory_key, report["ranked_gids"])
         result = {
-            "memory_id": memory_id,
+            "memory_id": record.memory_id,
             "retrieved": [
                 {"doc_id": records[gid].doc_id, "gid": gid} for gid in report["ranked_gids"] if gid in records
             ],
@@ -172,39 +203,43 @@ class MemoryAPI:
 
     # ------------------------------------------------------------------------------ memories
     async def create_memory(self, memory_id: str, placement: str = "auto") -> dict:
-        owner = caller_tenant.get()
-        if not self.metadata.create_memory(memory_id, owner):
+        record = self.metadata.create_memory(self.namespace(), memory_id)
+        if record is None:
             raise APIError(409, f"memory {memory_id!r} already exists", "memory_id")
         try:
-            await self.control_request(protocol.CreateMemory(memory_id=memory_id, owner=owner, placement=placement))
+            await self.control_request(protocol.CreateMemory(
+                memory_key=record.memory_key, memory_id=memory_id, owner=record.owner or None, placement=placement))
         except APIError as exc:
-            self.metadata.delete_memory(memory_id)
+            self.metadata.delete_memory(record.memory_key)
             if exc.status == 422:
                 raise APIError(422, exc.message, "placement") from exc
             raise
         return {"memory_id": memory_id, "created": True, "placement": placement}
 
     def list_memories(self) -> dict:
-        """Every memory, or with API keys the caller's."""
-        return {"memories": self.metadata.list_memories(caller_tenant.get() if self.keys_enabled else None)}
+        """The caller's memories."""
+        return {"memories": self.metadata.list_memories(self.namespace())}
 
     async def store_stats(self) -> dict:
-        """What the scheduler holds: totals over every memory (with API keys, the caller's)."""
+        """What the scheduler holds: a tenant's totals over its own memories; without API keys, or
+        with the admin key, over every memory, with the server's budgets and free slots."""
         reply = await self.control_request(protocol.StoreStats())
         per_memory = reply["memories"]
-        if self.keys_enabled:
-            own = {m["memory_id"] for m in self.metadata.list_memories(caller_tenant.get())}
-            per_memory = {memory_id: stats for memory_id, stats in per_memory.items() if memory_id in own}
+        server_wide = not self.keys_enabled or caller_is_admin.get()
+        if not server_wide:
+            own = {key for key, record in self.metadata.memories().items() if record.owner == self.namespace()}
+            per_memory = {memory_key: stats for memory_key, stats in per_memory.items() if memory_key in own}
         totals = {key: sum(stats[key] for stats in per_memory.values())
                   for key in ("documents", "tokens", "chunks", "bytes", "device_bytes", "host_bytes")}
+        if not server_wide:
+            return {"memories": len(per_memory), **totals}
         capacity = {key: reply[key] for key in ("budget_bytes", "host_budget_bytes", "chunk_slots") if key in reply}
-        server = {} if self.keys_enabled else {  # server-wide: no tenant's
-            "requests_in_flight": reply["requests"], "request_selection_bytes": reply["request_selection_bytes"]}
-        return {"memories": len(per_memory), **totals, **capacity, **server}
+        return {"memories": len(per_memory), **totals, **capacity, "requests_in_flight": reply["requests"],
+                "request_selection_bytes": reply["request_selection_bytes"]}
 
     async def memory_info(self, memory_id: str) -> dict:
-        self.require_memory(memory_id)
-        stats = await self.control_request(protocol.MemoryStats(memory_id=memory_id))
+        record = self.require_memory(memory_id)
+        stats = await self.control_request(protocol.MemoryStats(memory_key=record.memory_key))
         info = {
             "memory_id": memory_id,
             "documents": stats["documents"],
@@ -220,20 +255,24 @@ class MemoryAPI:
     async def delete_memory(self, memory_id: str) -> dict:
         """Forget the record first, then the tensors: a crash in between leaves tensors that the
         next start-up removes, never a deleted memory that comes back."""
-        self.require_memory(memory_id)
-        if not self.metadata.delete_memory(memory_id):
+        record = self.require_memory(memory_id)
+        if not self.metadata.delete_memory(record.memory_key):
             raise APIError(404, f"memory {memory_id!r} does not exist", "memory_id")
-        await self.control_request(protocol.DropMemory(memory_id=memory_id))
+        await self.control_request(protocol.DropMemory(memory_key=record.memory_key))
         return {"memory_id": memory_id, "deleted": True}
 
     # ------------------------------------------------------------------------------ documents
     async def add_documents(self, memory_id: str, body: schemas.AddDocumentsRequest) -> tuple[int, dict]:
         """Encode documents into the memory (each one a prefill through SGLang), then record them.
 
-        Returns (status, body): 201 when every document was stored, else the failures' status
-        with the stored ones and the failures listed.
+        Each document is staged by the scheduler (stored, durable, invisible to routing), then
+        recorded here (the acknowledgement), then published to routing. A document whose
+        ingestion failed, was aborted, or whose memory was deleted meanwhile is discarded and
+        its gid retired, so it can never appear; in particular never in a memory created since
+        under the same name (another incarnation). Returns (status, body): 201 when every
+        document was stored, else the failures' status with the stored ones and the failures.
         """
-        self.require_memory(memory_id)
+        record = self.require_memory(memory_id)
         options = self.options
         if len(body.documents) > options.max_documents_per_request:
             raise APIError(413, f"{len(body.documents)} documents in one request; the limit is "
@@ -241,46 +280,79 @@ class MemoryAPI:
         explicit = [doc.doc_id for doc in body.documents if doc.doc_id is not None]
         if len(set(explicit)) != len(explicit):
             raise APIError(409, "duplicate doc_id in the request", "documents")
+        self.check_document_lengths(body)
         # validate on the ids the documents will most likely get, then take the ids for real;
         # tokenize again only if a concurrent request took those ids first
-        next_gid = self.metadata.next_gid(memory_id)
-        prospective = list(range(next_gid, next_gid + len(body.documents)))
-        token_ids = self.tokenize_documents(body, prospective)
-        gids = self.metadata.reserve_gids(memory_id, len(body.documents))
+        key = record.memory_key
+        try:
+            next_gid = self.metadata.next_gid(key)
+            prospective = list(range(next_gid, next_gid + len(body.documents)))
+            token_ids = await asyncio.to_thread(self.tokenize_documents, body, prospective)
+            gids = self.metadata.reserve_gids(key, len(body.documents))
+        except KeyError:
+            raise APIError(404, f"memory {memory_id!r} does not exist", "memory_id") from None
         if gids != prospective:
-            token_ids = self.tokenize_documents(body, gids)
+            token_ids = await asyncio.to_thread(self.tokenize_documents, body, gids)
         doc_ids = [doc.doc_id or str(gid) for doc, gid in zip(body.documents, gids)]
-        taken = self.metadata.existing_doc_ids(memory_id, doc_ids)
+        taken = self.metadata.existing_doc_ids(key, doc_ids)
         if taken or len(set(doc_ids)) != len(doc_ids):
             raise APIError(409, f"doc_id {(taken or doc_ids)[0]!r} already exists in memory {memory_id!r}",
                            "documents")
-
-        async def ingest(gid: int, ids: list[int]) -> dict:
-            rid = f"msa-ingest-{uuid.uuid4().hex}"
-            msa = {"op": "ingest", "memory_id": memory_id, "gid": gid, **self.grant_params(memory_id)}
-            try:
-                await self.generate(ids, {"max_new_tokens": 1, "temperature": 0}, msa, rid).__anext__()
-            except ValueError as exc:  # the scheduler refused the request
-                return {"committed": False, "error": str(exc)}
-            return await self.control_request(protocol.TakeReport(rid=rid))
-
-        reports = await asyncio.gather(*(ingest(gid, ids) for gid, ids in zip(gids, token_ids)))
-        stored, failures = [], []
-        for index, (doc, gid, doc_id, ids, report) in enumerate(zip(body.documents, gids, doc_ids, token_ids, reports)):
-            if report.get("committed"):
-                if self.metadata.add_document(DocumentRecord(memory_id, gid, doc_id, doc.text, len(ids))):
-                    stored.append(schemas.DocumentOut(doc_id=doc_id, gid=gid, num_tokens=len(ids)))
-                    continue
-                await self.control_request(protocol.RemoveDocument(memory_id=memory_id, gid=gid))
-                report = {"error": f"memory {memory_id!r} was deleted or doc_id {doc_id!r} was taken meanwhile"}
-            failures.append({"index": index, "param": f"documents[{index}]", "error": report.get("error")})
+        published: list[int] = []
+        try:
+            reports = await asyncio.gather(*(self.ingest(record, gid, ids) for gid, ids in zip(gids, token_ids)))
+            stored, failures = [], []
+            for index, (doc, gid, doc_id, ids, report) in enumerate(
+                    zip(body.documents, gids, doc_ids, token_ids, reports)):
+                if report.get("stored"):
+                    if self.metadata.add_document(DocumentRecord(key, gid, doc_id, doc.text, len(ids))):
+                        stored.append(schemas.DocumentOut(doc_id=doc_id, gid=gid, num_tokens=len(ids)))
+                        continue
+                    report = {"status": 404, "error": f"memory {memory_id!r} was deleted or doc_id {doc_id!r} was "
+                                                      "taken meanwhile"}
+                failures.append({"index": index, "param": f"documents[{index}]", "error": report.get("error"),
+                                 "status": report.get("status", 409)})
+            published = (await self.control_request(protocol.PublishDocuments(
+                memory_key=key, gids=[doc.gid for doc in stored])))["published"] if stored else []
+        finally:  # whatever was not published goes, also when this handler is cancelled
+            unpublished = sorted(set(gids) - set(published))
+            if unpublished:
+                await asyncio.shield(self.control_request(protocol.DiscardDocuments(memory_key=key, gids=unpublished)))
         content = schemas.AddDocumentsResponse(memory_id=memory_id, documents=stored).model_dump()
         if not failures:
             return 201, content
-        status = 507 if any("budget" in (f["error"] or "") for f in failures) else 409
+        status = max(failure["status"] for failure in failures)
         content["error"] = {"message": f"{len(failures)} of {len(body.documents)} documents were not stored",
                             "failures": failures, "code": status}
         return status, content
+
+    async def ingest(self, record: MemoryRecord, gid: int, token_ids: list[int]) -> dict:
+        """One document through SGLang; the scheduler's report ({"stored": ..., "error": ...}),
+        with the HTTP status of a failure."""
+        rid = f"msa-ingest-{uuid.uuid4().hex}"
+        msa = {"op": "ingest", "gid": gid, **self.memory_params(record, rid)}
+        try:
+            completed(await self.generate(token_ids, {"max_new_tokens": 1, "temperature": 0}, msa, rid).__anext__())
+        except ValueError as exc:  # the scheduler refused the request
+            return {"stored": False, "status": 409, "error": str(exc)}
+        except APIError as exc:  # aborted
+            return {"stored": False, "status": exc.status, "error": exc.message}
+        try:
+            report = await self.control_request(protocol.TakeReport(rid=rid))
+        except APIError:  # its state left with an abort
+            return {"stored": False, "status": 503, "error": "the ingestion was aborted"}
+        if report["stored"]:
+            return report
+        status = 507 if "budget" in (report["error"] or "") else 409
+        return {**report, "status": status}
+
+    def check_document_lengths(self, body: schemas.AddDocumentsRequest) -> None:
+        """413 for a document that must have more tokens than max_document_tokens, untokenized."""
+        limit = self.options.max_document_tokens
+        for index, doc in enumerate(body.documents):
+            if len(doc.text) > limit * self.max_token_chars:
+                raise APIError(413, f"the document has {len(doc.text)} characters, more than max_document_tokens "
+                               f"({limit}) tokens can hold", f"documents[{index}].text")
 
     def tokenize_documents(self, body: schemas.AddDocumentsRequest, gids) -> list[list[int]]:
         """Token ids of each document as the model encodes it (MSA checkpoints: wrapped with its id)."""
@@ -297,46 +369,44 @@ class MemoryAPI:
         return token_ids
 
     def get_document(self, memory_id: str, doc_id: str) -> dict:
-        self.require_memory(memory_id)
-        record = self.metadata.get_document(memory_id, doc_id)
+        record = self.metadata.get_document(self.require_memory(memory_id).memory_key, doc_id)
         if record is None:
             raise APIError(404, f"document {doc_id!r} does not exist in memory {memory_id!r}", "doc_id")
         return {"doc_id": record.doc_id, "gid": record.gid, "text": record.text, "num_tokens": record.num_tokens}
 
     def list_documents(self, memory_id: str, limit: int, offset: int) -> dict:
-        self.require_memory(memory_id)
-        return {"memory_id": memory_id, "documents": self.metadata.list_documents(memory_id, limit, offset),
+        key = self.require_memory(memory_id).memory_key
+        return {"memory_id": memory_id, "documents": self.metadata.list_documents(key, limit, offset),
                 "limit": limit, "offset": offset}
 
     async def delete_document(self, memory_id: str, doc_id: str) -> dict:
         """Record first, then tensors (as for memories)."""
-        self.require_memory(memory_id)
-        record = self.metadata.delete_document(memory_id, doc_id)
+        key = self.require_memory(memory_id).memory_key
+        record = self.metadata.delete_document(key, doc_id)
         if record is None:
             raise APIError(404, f"document {doc_id!r} does not exist in memory {memory_id!r}", "doc_id")
-        await self.control_request(protocol.RemoveDocument(memory_id=memory_id, gid=record.gid))
+        await self.control_request(protocol.RemoveDocument(memory_key=key, gid=record.gid))
         return {"doc_id": doc_id, "deleted": True}
 
     # ------------------------------------------------------------------------------ queries
-    async def chat_prompt(self, memory_id: str, body: schemas.MemoryChatRequest) -> tuple[MemoryPrompt, dict]:
+    async def chat_prompt(self, record: MemoryRecord, body: schemas.MemoryChatRequest) -> tuple[MemoryPrompt, dict]:
         messages = [message.model_dump(include={"role", "content"}) for message in body.messages]
-        return await self.query_prompt(memory_id, messages, body.msa)
+        return await self.query_prompt(record, messages, body.msa)
 
-    async def query_prompt(self, memory_id: str, messages: list[dict],
+    async def query_prompt(self, record: MemoryRecord, messages: list[dict],
                            options: schemas.MemoryOptions) -> tuple[MemoryPrompt, dict]:
         """The prompt of the answer, and what injection or interleave rounds added (empty without)."""
-        self.require_memory(memory_id)
         if options.interleave:
-            return await self.interleave(memory_id, messages, options)
+            return await self.interleave(record, messages, options)
         if options.inject_documents == 0:
             build = build_msa_chat_prompt if self.is_msa_checkpoint else build_chat_prompt
             return build(self.tokenizer, messages, options.routing_text), {}
         if self.is_msa_checkpoint:
             raise APIError(422, "router-driven injection is for training-free models; MSA checkpoints "
                            "retrieve by generating document ids (msa.interleave)", "msa.inject_documents")
-        return await self.inject_documents(memory_id, messages, options)
+        return await self.inject_documents(record, messages, options)
 
-    async def interleave(self, memory_id: str, messages: list[dict],
+    async def interleave(self, record: MemoryRecord, messages: list[dict],
                          options: schemas.MemoryOptions) -> tuple[MemoryPrompt, dict]:
         """Memory Interleave (MSA checkpoints): retrieval rounds in which the model writes document
         ids and the server injects their text, then the answer prompt (`interleave.py`)."""
@@ -356,32 +426,32 @@ class MemoryAPI:
         async def generate_round(prompt: MemoryPrompt) -> RoundOutput:
             rid = f"msa-round-{uuid.uuid4().hex}"
             try:
-                out = await self.generate(prompt.input_ids, ROUND_SAMPLING_PARAMS,
-                                          self.query_params(memory_id, prompt), rid).__anext__()
+                out = completed(await self.generate(prompt.input_ids, ROUND_SAMPLING_PARAMS,
+                                                    self.query_params(record, prompt, rid), rid).__anext__())
             except ValueError as exc:
                 raise APIError(400, str(exc)) from exc
-            return RoundOutput(out["output_ids"], await self.retrieved(memory_id, rid, options.routing_details))
+            return RoundOutput(out["output_ids"], await self.retrieved(record, rid, options.routing_details))
 
         def documents(gids: list[int]) -> dict[int, tuple[str, str]]:
-            records = self.metadata.documents_by_gid(memory_id, gids)
-            return {gid: (record.doc_id, record.text) for gid, record in records.items()}
+            records = self.metadata.documents_by_gid(record.memory_key, gids)
+            return {gid: (doc.doc_id, doc.text) for gid, doc in records.items()}
 
         limits = InterleaveLimits(max_rounds=max_rounds, max_injected_tokens=self.options.max_injected_tokens)
         result = await run_interleave(self.interleave_prompts, question, limits, generate_round, documents)
         injected = [{"doc_id": result.doc_ids[gid], "gid": gid} for r in result.rounds for gid in r.gids]
         return result.answer_prompt, {"interleave": result.report(), "injected": injected}
 
-    async def route_only(self, memory_id: str, prompt: MemoryPrompt) -> list[int]:
+    async def route_only(self, record: MemoryRecord, prompt: MemoryPrompt) -> list[int]:
         """Prefill the prompt over the memory and return the documents its routing ranked."""
         rid = f"msa-route-{uuid.uuid4().hex}"
         try:
-            await self.generate(prompt.input_ids, {"max_new_tokens": 1, "temperature": 0},
-                                self.query_params(memory_id, prompt), rid).__anext__()
+            completed(await self.generate(prompt.input_ids, {"max_new_tokens": 1, "temperature": 0},
+                                          self.query_params(record, prompt, rid), rid).__anext__())
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         return (await self.control_request(protocol.TakeReport(rid=rid)))["ranked_gids"]
 
-    async def inject_documents(self, memory_id: str, messages: list[dict],
+    async def inject_documents(self, record: MemoryRecord, messages: list[dict],
                                options: schemas.MemoryOptions) -> tuple[MemoryPrompt, dict]:
         """Router-driven injection: route, put the top documents' original text before the
         question, optionally route again on what was injected, then answer."""
@@ -391,8 +461,8 @@ class MemoryAPI:
         injected, rounds, budget = set(), [], self.options.max_injected_tokens
         current = messages
         for _ in range(options.inject_rounds):
-            gids = await self.route_only(memory_id, build_chat_prompt(self.tokenizer, current, routing_text))
-            records = self.metadata.documents_by_gid(memory_id, gids)
+            gids = await self.route_only(record, build_chat_prompt(self.tokenizer, current, routing_text))
+            records = self.metadata.documents_by_gid(record.memory_key, gids)
             chosen = []
             for gid in gids:
                 if gid in records and gid not in injected and len(chosen) < options.inject_documents:
@@ -410,18 +480,19 @@ class MemoryAPI:
         return prompt, {"injection_rounds": rounds,
                         "injected": [doc for round_docs in rounds for doc in round_docs]}
 
-    def query_params(self, memory_id: str, prompt: MemoryPrompt) -> dict:
-        return {"op": "query", "memory_id": memory_id, "routing_spans": [list(span) for span in prompt.routing_spans],
-                "template_tokens": prompt.template_tokens, **self.grant_params(memory_id)}
+    def query_params(self, record: MemoryRecord, prompt: MemoryPrompt, rid: str) -> dict:
+        return {"op": "query", "routing_spans": [list(span) for span in prompt.routing_spans],
+                "template_tokens": prompt.template_tokens, **self.memory_params(record, rid)}
 
     async def chat(self, memory_id: str, body: schemas.MemoryChatRequest, created: int) -> dict:
         """A non-streaming OpenAI chat completion over the memory."""
-        prompt, injection = await self.chat_prompt(memory_id, body)
+        record = self.require_memory(memory_id)
+        prompt, injection = await self.chat_prompt(record, body)
         rid = f"msa-chat-{uuid.uuid4().hex}"
         try:
-            out = await self.generate(
-                prompt.input_ids, chat_sampling_params(body), self.query_params(memory_id, prompt), rid
-            ).__anext__()
+            out = completed(await self.generate(
+                prompt.input_ids, chat_sampling_params(body), self.query_params(record, prompt, rid), rid
+            ).__anext__())
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         meta = out["meta_info"]
@@ -431,21 +502,22 @@ class MemoryAPI:
                          "finish_reason": finish_reason(meta)}],
             "usage": {"prompt_tokens": meta["prompt_tokens"], "completion_tokens": meta["completion_tokens"],
                       "total_tokens": meta["prompt_tokens"] + meta["completion_tokens"]},
-            "msa": {**await self.retrieved(memory_id, rid, body.msa.routing_details),
+            "msa": {**await self.retrieved(record, rid, body.msa.routing_details),
                     **with_answer(injection, out["text"])},
         }
 
     async def generate_over_memory(self, memory_id: str, body: schemas.MemoryGenerateRequest) -> dict:
         """SGLang-native generate over the memory; the output adds the retrieved documents."""
-        self.require_memory(memory_id)
+        record = self.require_memory(memory_id)
         if (body.text is None) == (body.input_ids is None):
             raise APIError(422, "give exactly one of text and input_ids", "text")
+        sampling_params = checked_sampling_params(body.sampling_params, self.vocab_size)
         options = body.msa
         injection = {}
         if options.interleave or options.inject_documents:
             if body.text is None:
                 raise APIError(422, "interleave and inject_documents take the question as text", "input_ids")
-            prompt, injection = await self.query_prompt(memory_id, [{"role": "user", "content": body.text}], options)
+            prompt, injection = await self.query_prompt(record, [{"role": "user", "content": body.text}], options)
         elif body.text is not None:
             if options.routing_spans is not None or options.template_tokens is not None:
                 raise APIError(422, "routing_spans and template_tokens need input_ids", "msa.routing_spans")
@@ -453,7 +525,8 @@ class MemoryAPI:
         else:
             if options.routing_text is not None:
                 raise APIError(422, "routing_text needs a text prompt", "msa.routing_text")
-            params = QueryParams(memory_id=memory_id, routing_spans=options.routing_spans,
+            check_input_ids(body.input_ids, self.vocab_size)
+            params = QueryParams(memory_key=record.memory_key, routing_spans=options.routing_spans,
                                  template_tokens=options.template_tokens or 0)
             spans = params.spans_within(len(body.input_ids))
             if isinstance(spans, str):
@@ -461,11 +534,11 @@ class MemoryAPI:
             prompt = MemoryPrompt(body.input_ids, tuple(spans), params.template_tokens)
         rid = f"msa-generate-{uuid.uuid4().hex}"
         try:
-            out = await self.generate(
-                prompt.input_ids, body.sampling_params, self.query_params(memory_id, prompt), rid,
+            out = completed(await self.generate(
+                prompt.input_ids, sampling_params, self.query_params(record, prompt, rid), rid,
                 return_logprob=body.return_logprob, top_logprobs_num=body.top_logprobs_num,
-            ).__anext__()
+            ).__anext__())
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
-        return {**out, "msa": {**await self.retrieved(memory_id, rid, body.msa.routing_details),
+        return {**out, "msa": {**await self.retrieved(record, rid, body.msa.routing_details),
                                **with_answer(injection, out["text"])}}

@@ -1,8 +1,15 @@
 """Memory metadata kept by the HTTP server process in SQLite: memories, document ids, texts.
 
+A memory is named by its tenant (its owner: "" without API keys) and its `memory_id`, unique
+within that tenant's namespace, so two tenants may both own `notes`. Each creation is an
+*incarnation* with a key of its own (`memory_key`, never reused): the scheduler, the memory
+directory and every document row know a memory by that key alone, so a write aimed at a memory
+that was deleted (and perhaps created again under the same name) can only miss.
+
 Document tensors live in the scheduler (`sglang_msa.memory_manager.store`); this is the record
-of what was acknowledged: a document row is written only after the scheduler committed its
-tensors. Global document ids (`gid`) are assigned here in insertion order and never reused.
+of what was acknowledged: a document row is written only after the scheduler staged its
+tensors, and only while its incarnation exists. Document ids (`gid`) are assigned here in
+insertion order and never reused within an incarnation.
 """
 
 from __future__ import annotations
@@ -10,36 +17,63 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS memories (
-    memory_id TEXT PRIMARY KEY,
-    owner TEXT,
+CREATE TABLE IF NOT EXISTS memory_incarnations (
+    memory_key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    memory_id TEXT NOT NULL,
     created_at REAL NOT NULL,
-    next_gid INTEGER NOT NULL DEFAULT 0
+    next_gid INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (owner, memory_id)
 );
-CREATE TABLE IF NOT EXISTS documents (
-    memory_id TEXT NOT NULL REFERENCES memories(memory_id) ON DELETE CASCADE,
+CREATE TABLE IF NOT EXISTS memory_documents (
+    memory_key TEXT NOT NULL REFERENCES memory_incarnations(memory_key) ON DELETE CASCADE,
     gid INTEGER NOT NULL,
     doc_id TEXT NOT NULL,
     text TEXT NOT NULL,
     num_tokens INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    PRIMARY KEY (memory_id, gid),
-    UNIQUE (memory_id, doc_id)
+    PRIMARY KEY (memory_key, gid),
+    UNIQUE (memory_key, doc_id)
 );
 """
+
+# the first schema (one global namespace of memory ids, which were also the scheduler's keys)
+LEGACY_MIGRATION = """
+INSERT INTO memory_incarnations (memory_key, owner, memory_id, created_at, next_gid)
+    SELECT memory_id, COALESCE(owner, ''), memory_id, created_at, next_gid FROM memories;
+INSERT INTO memory_documents (memory_key, gid, doc_id, text, num_tokens, created_at)
+    SELECT memory_id, gid, doc_id, text, num_tokens, created_at FROM documents;
+DROP TABLE documents;
+DROP TABLE memories;
+"""
+
+NO_TENANT = ""  # the owner of memories created without API keys
+
+
+@dataclass(frozen=True)
+class MemoryRecord:
+    memory_key: str
+    owner: str
+    memory_id: str
 
 
 @dataclass(frozen=True)
 class DocumentRecord:
-    memory_id: str
+    memory_key: str
     gid: int
     doc_id: str
     text: str
     num_tokens: int
+
+
+def new_memory_key() -> str:
+    """An incarnation's key: unguessable, and a valid directory name."""
+    return uuid.uuid4().hex
 
 
 class MetadataStore:
@@ -48,135 +82,157 @@ class MetadataStore:
 
     def __init__(self, path: str | Path = ":memory:"):
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA foreign_keys = ON")
         if str(path) != ":memory:":
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(SCHEMA)
+        self._migrate_legacy()
+        self._db.execute("PRAGMA foreign_keys = ON")
         self._lock = threading.Lock()
 
-    def create_memory(self, memory_id: str, owner: str | None = None) -> bool:
-        with self._lock:
-            try:
-                self._db.execute("INSERT INTO memories (memory_id, owner, created_at) VALUES (?, ?, ?)",
-                                 (memory_id, owner, time.time()))
-                return True
-            except sqlite3.IntegrityError:
-                return False
+    def _migrate_legacy(self) -> None:
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "memories" in tables:
+            self._db.executescript(f"BEGIN IMMEDIATE; {LEGACY_MIGRATION} COMMIT;")
 
-    def memory_owner(self, memory_id: str) -> tuple[bool, str | None]:
-        """(whether the memory exists, its owner tenant)."""
-        with self._lock:
-            row = self._db.execute("SELECT owner FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
-        return (row is not None, row[0] if row else None)
-
-    def delete_memory(self, memory_id: str) -> bool:
-        with self._lock:
-            return self._db.execute("DELETE FROM memories WHERE memory_id = ?", (memory_id,)).rowcount > 0
-
-    def list_memories(self, owner: str | None = None) -> list[dict]:
-        """All memories, or with `owner` only that tenant's."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT m.memory_id, COUNT(d.gid), COALESCE(SUM(d.num_tokens), 0) FROM memories m "
-                "LEFT JOIN documents d ON d.memory_id = m.memory_id WHERE ? IS NULL OR m.owner = ? "
-                "GROUP BY m.memory_id ORDER BY m.memory_id", (owner, owner),
-            ).fetchall()
-        return [{"memory_id": m, "documents": n, "tokens": t} for m, n, t in rows]
-
-    def next_gid(self, memory_id: str) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT next_gid FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
-        if row is None:
-            raise KeyError(memory_id)
-        return row[0]
-
-    def reserve_gids(self, memory_id: str, count: int) -> list[int]:
-        """Assign the next `count` document ids of the memory (insertion order, never reused)."""
+    def _transaction(self, statements):
+        """Run `statements(db)` in one immediate transaction under the lock; its result."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute("SELECT next_gid FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
-                if row is None:
-                    raise KeyError(memory_id)
-                self._db.execute("UPDATE memories SET next_gid = ? WHERE memory_id = ?", (row[0] + count, memory_id))
+                result = statements(self._db)
                 self._db.execute("COMMIT")
+                return result
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return list(range(row[0], row[0] + count))
 
-    def existing_doc_ids(self, memory_id: str, doc_ids: list[str]) -> list[str]:
+    # ------------------------------------------------------------------ memories
+    def create_memory(self, owner: str, memory_id: str) -> MemoryRecord | None:
+        """A new incarnation of `memory_id` in `owner`'s namespace; None if the name is taken there."""
+        record = MemoryRecord(new_memory_key(), owner, memory_id)
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO memory_incarnations (memory_key, owner, memory_id, created_at) VALUES (?, ?, ?, ?)",
+                    (record.memory_key, owner, memory_id, time.time()))
+            except sqlite3.IntegrityError:
+                return None
+        return record
+
+    def find_memory(self, owner: str, memory_id: str) -> MemoryRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT memory_key FROM memory_incarnations WHERE owner = ? AND memory_id = ?",
+                                   (owner, memory_id)).fetchone()
+        return MemoryRecord(row[0], owner, memory_id) if row else None
+
+    def delete_memory(self, memory_key: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM memory_incarnations WHERE memory_key = ?",
+                                    (memory_key,)).rowcount > 0
+
+    def list_memories(self, owner: str) -> list[dict]:
+        """The memories of `owner`'s namespace."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT m.memory_id, COUNT(d.gid), COALESCE(SUM(d.num_tokens), 0) FROM memory_incarnations m "
+                "LEFT JOIN memory_documents d ON d.memory_key = m.memory_key WHERE m.owner = ? "
+                "GROUP BY m.memory_key ORDER BY m.memory_id", (owner,),
+            ).fetchall()
+        return [{"memory_id": m, "documents": n, "tokens": t} for m, n, t in rows]
+
+    def memories(self) -> dict[str, MemoryRecord]:
+        """Every incarnation, by key."""
+        with self._lock:
+            rows = self._db.execute("SELECT memory_key, owner, memory_id FROM memory_incarnations").fetchall()
+        return {key: MemoryRecord(key, owner, memory_id) for key, owner, memory_id in rows}
+
+    # ------------------------------------------------------------------ documents
+    def next_gid(self, memory_key: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT next_gid FROM memory_incarnations WHERE memory_key = ?",
+                                   (memory_key,)).fetchone()
+        if row is None:
+            raise KeyError(memory_key)
+        return row[0]
+
+    def reserve_gids(self, memory_key: str, count: int) -> list[int]:
+        """Assign the next `count` document ids of the incarnation (insertion order, never reused)."""
+        def reserve(db):
+            row = db.execute("SELECT next_gid FROM memory_incarnations WHERE memory_key = ?", (memory_key,)).fetchone()
+            if row is None:
+                raise KeyError(memory_key)
+            db.execute("UPDATE memory_incarnations SET next_gid = ? WHERE memory_key = ?", (row[0] + count, memory_key))
+            return row[0]
+
+        first = self._transaction(reserve)
+        return list(range(first, first + count))
+
+    def existing_doc_ids(self, memory_key: str, doc_ids: list[str]) -> list[str]:
         with self._lock:
             placeholders = ",".join("?" * len(doc_ids))
             rows = self._db.execute(
-                f"SELECT doc_id FROM documents WHERE memory_id = ? AND doc_id IN ({placeholders})",
-                (memory_id, *doc_ids),
+                f"SELECT doc_id FROM memory_documents WHERE memory_key = ? AND doc_id IN ({placeholders})",
+                (memory_key, *doc_ids),
             ).fetchall()
         return [row[0] for row in rows]
 
     def add_document(self, record: DocumentRecord) -> bool:
-        """Record an acknowledged document; False if its memory is gone or its doc_id is taken."""
+        """Record an acknowledged document; False if its incarnation is gone or its doc_id is taken."""
         with self._lock:
             try:
                 self._db.execute(
-                    "INSERT INTO documents (memory_id, gid, doc_id, text, num_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (record.memory_id, record.gid, record.doc_id, record.text, record.num_tokens, time.time()),
+                    "INSERT INTO memory_documents (memory_key, gid, doc_id, text, num_tokens, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (record.memory_key, record.gid, record.doc_id, record.text, record.num_tokens, time.time()),
                 )
                 return True
             except sqlite3.IntegrityError:
                 return False
 
-    def get_document(self, memory_id: str, doc_id: str) -> DocumentRecord | None:
+    def get_document(self, memory_key: str, doc_id: str) -> DocumentRecord | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT gid, doc_id, text, num_tokens FROM documents WHERE memory_id = ? AND doc_id = ?",
-                (memory_id, doc_id),
+                "SELECT gid, doc_id, text, num_tokens FROM memory_documents WHERE memory_key = ? AND doc_id = ?",
+                (memory_key, doc_id),
             ).fetchone()
-        return DocumentRecord(memory_id, *row) if row else None
+        return DocumentRecord(memory_key, *row) if row else None
 
-    def documents_by_gid(self, memory_id: str, gids: list[int]) -> dict[int, DocumentRecord]:
+    def documents_by_gid(self, memory_key: str, gids: list[int]) -> dict[int, DocumentRecord]:
         if not gids:
             return {}
         with self._lock:
             placeholders = ",".join("?" * len(gids))
             rows = self._db.execute(
-                f"SELECT gid, doc_id, text, num_tokens FROM documents WHERE memory_id = ? AND gid IN ({placeholders})",
-                (memory_id, *gids),
+                f"SELECT gid, doc_id, text, num_tokens FROM memory_documents WHERE memory_key = ? "
+                f"AND gid IN ({placeholders})", (memory_key, *gids),
             ).fetchall()
-        return {row[0]: DocumentRecord(memory_id, *row) for row in rows}
+        return {row[0]: DocumentRecord(memory_key, *row) for row in rows}
 
-    def list_documents(self, memory_id: str, limit: int, offset: int) -> list[dict]:
+    def list_documents(self, memory_key: str, limit: int, offset: int) -> list[dict]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT doc_id, gid, num_tokens FROM documents WHERE memory_id = ? ORDER BY gid LIMIT ? OFFSET ?",
-                (memory_id, limit, offset),
+                "SELECT doc_id, gid, num_tokens FROM memory_documents WHERE memory_key = ? ORDER BY gid "
+                "LIMIT ? OFFSET ?", (memory_key, limit, offset),
             ).fetchall()
         return [{"doc_id": doc_id, "gid": gid, "num_tokens": n} for doc_id, gid, n in rows]
 
-    def owners(self) -> dict[str, str | None]:
-        with self._lock:
-            return dict(self._db.execute("SELECT memory_id, owner FROM memories").fetchall())
-
     def contents(self) -> dict[str, set[int]]:
-        """Every memory and the gids of its acknowledged documents."""
+        """Every incarnation and the gids of its acknowledged documents."""
         with self._lock:
-            memories = {row[0]: set() for row in self._db.execute("SELECT memory_id FROM memories")}
-            for memory_id, gid in self._db.execute("SELECT memory_id, gid FROM documents"):
-                memories[memory_id].add(gid)
+            memories = {row[0]: set() for row in self._db.execute("SELECT memory_key FROM memory_incarnations")}
+            for memory_key, gid in self._db.execute("SELECT memory_key, gid FROM memory_documents"):
+                memories[memory_key].add(gid)
         return memories
 
-    def forget_documents(self, memory_id: str, gids: list[int]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("DELETE FROM documents WHERE memory_id = ? AND gid = ?",
-                                 [(memory_id, gid) for gid in gids])
-            self._db.execute("COMMIT")
+    def forget_documents(self, memory_key: str, gids: list[int]) -> None:
+        self._transaction(lambda db: db.executemany(
+            "DELETE FROM memory_documents WHERE memory_key = ? AND gid = ?", [(memory_key, gid) for gid in gids]))
 
-    def delete_document(self, memory_id: str, doc_id: str) -> DocumentRecord | None:
+    def delete_document(self, memory_key: str, doc_id: str) -> DocumentRecord | None:
         with self._lock:
             row = self._db.execute(
-                "DELETE FROM documents WHERE memory_id = ? AND doc_id = ? RETURNING gid, doc_id, text, num_tokens",
-                (memory_id, doc_id),
+                "DELETE FROM memory_documents WHERE memory_key = ? AND doc_id = ? RETURNING gid, doc_id, text, "
+                "num_tokens", (memory_key, doc_id),
             ).fetchone()
-        return DocumentRecord(memory_id, *row) if row else None
+        return DocumentRecord(memory_key, *row) if row else None

@@ -17,13 +17,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from sglang_msa.config import load_options
 from sglang_msa.server import schemas
-from sglang_msa.server.auth import authenticate_request, caller_tenant
+from sglang_msa.server.auth import authenticate_request, caller_is_admin, caller_tenant
+from sglang_msa.server.body_limit import BodyLimitMiddleware
 from sglang_msa.server.errors import APIError
-from sglang_msa.server.memory_api import MemoryAPI, chat_sampling_params, finish_reason, with_answer
+from sglang_msa.server.memory_api import MemoryAPI, chat_sampling_params, completed, finish_reason, with_answer
 
 async def authenticate(request: Request) -> None:
-    """With API keys, the caller's tenant for the rest of this request (401 without a key)."""
-    caller_tenant.set(authenticate_request(request, (await get_api()).api_keys))
+    """With API keys, the caller's tenant (or the admin) for the rest of this request (401
+    without a key)."""
+    api = await get_api()
+    tenant, admin = authenticate_request(request, api.api_keys, api.tokenizer_manager.server_args.admin_api_key)
+    caller_tenant.set(tenant)
+    caller_is_admin.set(admin)
 
 
 router = APIRouter(prefix="/v1/memories", tags=["memories"], dependencies=[Depends(authenticate)])
@@ -75,6 +80,7 @@ def install(app) -> None:
     if any(getattr(route, "path", "").startswith(router.prefix) for route in app.router.routes):
         return
     app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, limit_bytes=int(load_options().max_request_body_mb * 2**20))
     app.add_exception_handler(APIError, api_error_handler)
     sglang_handler = app.exception_handlers.get(RequestValidationError)
 
@@ -123,7 +129,7 @@ async def add_documents(body: schemas.AddDocumentsRequest, memory_id: str = Memo
 
 @router.get("/{memory_id}/documents")
 async def list_documents(memory_id: str = MemoryIdPath, limit: int = Query(100, ge=1, le=10_000),
-                         offset: int = Query(0, ge=0), api: MemoryAPI = ApiDependency):
+                         offset: int = Query(0, ge=0, le=2**63 - 1), api: MemoryAPI = ApiDependency):
     """The memory's acknowledged documents (ids and sizes) in insertion order."""
     return api.list_documents(memory_id, limit, offset)
 
@@ -144,10 +150,11 @@ async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = Mem
     created = int(time.time())
     if not body.stream:
         return await api.chat(memory_id, body, created)
-    prompt, injection = await api.chat_prompt(memory_id, body)
+    record = api.require_memory(memory_id)
+    prompt, injection = await api.chat_prompt(record, body)
     rid = f"msa-chat-{uuid.uuid4().hex}"
     outputs = api.generate(
-        prompt.input_ids, chat_sampling_params(body), api.query_params(memory_id, prompt), rid, stream=True
+        prompt.input_ids, chat_sampling_params(body), api.query_params(record, prompt, rid), rid, stream=True
     )
     base = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": body.model}
 
@@ -160,14 +167,17 @@ async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = Mem
         text, finish = "", None
         try:
             async for out in outputs:
+                completed(out)
                 if len(out["text"]) > len(text):
                     yield event({"content": out["text"][len(text):]})
                     text = out["text"]
                 finish = finish_reason(out["meta_info"]) or finish
         except ValueError as exc:
             yield f"data: {json.dumps(APIError(400, str(exc)).body())}\n\n".encode()
+        except APIError as exc:
+            yield f"data: {json.dumps(exc.body())}\n\n".encode()
         else:
-            retrieved = await api.retrieved(memory_id, rid, body.msa.routing_details)
+            retrieved = await api.retrieved(record, rid, body.msa.routing_details)
             yield event({}, finish or "stop", msa={**retrieved, **with_answer(injection, text)})
         yield b"data: [DONE]\n\n"
 
