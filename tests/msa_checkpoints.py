@@ -34,9 +34,11 @@ def released_msa_config(aux_loss_method: str = "INFONCE_DECOUPLE") -> dict:
 
 def build_tiny_msa_checkpoint(out_dir: Path, aux_loss_method: str = "INFONCE_DECOUPLE", seed: int = 0) -> Path:
     """A 4-layer Qwen3 with layers 2 and 3 routed, top-2 documents, 4-token chunks; its config.json
-    is shaped like a released one (the official decoder layer's `sliding_window: false`)."""
+    is shaped like a released one (the official decoder layer's `sliding_window: false`), and its
+    tokenizer has a "\\n\\n" token, as Qwen's has."""
     out_dir = Path(out_dir)
-    build_tiny_model("qwen3", out_dir, seed=seed, num_layers=NUM_LAYERS, extra_special_tokens=MSA_MARKERS)
+    build_tiny_model("qwen3", out_dir, seed=seed, num_layers=NUM_LAYERS, extra_special_tokens=MSA_MARKERS,
+                     qwen_newlines=True)
     config = json.loads((out_dir / "config.json").read_text())
     config.update(
         model_type="msa",
