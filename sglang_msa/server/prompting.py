@@ -42,6 +42,14 @@ def build_prompt(tokenizer, prompt_text: str, routing_text: str, param: str) -> 
     return MemoryPrompt(input_ids=list(encoded["input_ids"]), routing_spans=(span,))
 
 
+def document_token_ids(tokenizer, gid: int, text: str, msa_checkpoint: bool) -> list[int]:
+    """The token ids document `gid` is encoded with: its text, wrapped with its id for MSA
+    checkpoints (spec §3). Ingestion and `GET .../documents/{doc_id}?tokens=true` both use this."""
+    from sglang_msa.models.msa_config import wrap_document
+
+    return list(tokenizer(wrap_document(gid, text) if msa_checkpoint else text, add_special_tokens=False).input_ids)
+
+
 def last_user_turn(messages: list[dict]) -> int:
     """Index of the last non-empty user message: the question of a memory query."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "user" and m["content"].strip()]
