@@ -31,7 +31,8 @@ def spec_query(tokenizer, question: str) -> tuple[list[int], int, int]:
     starts and ends."""
     template = encode(tokenizer, TEMPLATE)
     routed = encode(tokenizer, INSTRUCTION + question + RETRIEVAL) + encode(tokenizer, "\n")
-    return template + routed + encode(tokenizer, "<|im_end|>\n<|im_start|>"), len(template), len(template) + len(routed)
+    ids = template + routed + encode(tokenizer, "<|im_end|>\n<|im_start|>")
+    return ids, len(template), len(template) + len(routed)
 
 
 def test_the_tokenizer_merges_the_template_newline_with_the_instruction(tokenizer):

@@ -56,7 +56,8 @@ def test_keys_scope_every_memory_operation(server):
         call("POST", f"{memories}/alpha-notes/documents", BRAVO, documents=[{"text": "planted"}]),
         call("POST", f"{memories}/alpha-notes/chat/completions", BRAVO, **chat),
         call("POST", f"{memories}/alpha-notes/generate", BRAVO, text="secret"),
-        call("POST", f"{memories}/alpha-notes/generate", BRAVO, text="secret", return_logprob=True, logprob_start_len=0),
+        call("POST", f"{memories}/alpha-notes/generate", BRAVO, text="secret", return_logprob=True,
+             logprob_start_len=0),
         call("DELETE", f"{memories}/alpha-notes/documents/secret", BRAVO),
         call("DELETE", f"{memories}/alpha-notes", BRAVO),
     ]

@@ -29,7 +29,8 @@ QWEN_PRETOKENIZE_PATTERN = (
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
-def build_tokenizer(vocab_size: int = 512, extra_special_tokens: tuple[str, ...] = (), qwen_newlines: bool = False):
+def build_tokenizer(vocab_size: int = 512, extra_special_tokens: tuple[str, ...] = (),
+                    qwen_newlines: bool = False):
     r"""`qwen_newlines`: split text like Qwen's tokenizer (a run of newlines is one piece) and learn
     from text with blank lines, so that "\n\n" is one token, as in Qwen's vocabulary."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -32,7 +32,8 @@ TEMPLATE_HEAD = "<|im_start|>user\n"  # the 3-token template prefix of MSA promp
 # msa_config key -> the option it sets (the options' allowed values are the supported ones)
 REDUCTION_KEYS = {"head_reduce_method": "head_reduce", "query_reduce_method": "query_reduce",
                   "chunk_reduce_method": "chunk_reduce"}
-SERVED_KEYS = frozenset({"router_layer_idx", "top_k_docs", "pooling_kernel_size", "aux_loss_method", *REDUCTION_KEYS})
+SERVED_KEYS = frozenset({"router_layer_idx", "top_k_docs", "pooling_kernel_size", "aux_loss_method",
+                         *REDUCTION_KEYS})
 FIXED_KEYS = {"decouple_router": True, "decouple_pooling_mode": "mean"}  # key -> the one value served
 TRAINING_ONLY_KEYS = frozenset({"ansloss_weight", "lmloss_weigth", "recloss_weight", "auxloss_weight", "aux_loss",
                                 "infonce_loss_temp", "rewrite_position"})
@@ -69,7 +70,8 @@ def check_msa_config(msa_config: dict, num_layers: int) -> None:
     for key, option in REDUCTION_KEYS.items():
         supported = typing.get_args(MSAOptions.model_fields[option].annotation)
         if key in msa_config and msa_config[key] not in supported:
-            raise ValueError(f"msa_config.{key} {msa_config[key]!r} is not supported; sglang-msa serves {supported}")
+            raise ValueError(f"msa_config.{key} {msa_config[key]!r} is not supported; "
+                             f"sglang-msa serves {supported}")
     if not isinstance(msa_config.get("aux_loss_method", ""), str):
         raise ValueError(f"msa_config.aux_loss_method {msa_config['aux_loss_method']!r} must be a string")
     for key, served in FIXED_KEYS.items():

@@ -302,9 +302,11 @@ class MemoryAPI:
         record = self.metadata.get_document(memory_id, doc_id)
         if record is None:
             raise APIError(404, f"document {doc_id!r} does not exist in memory {memory_id!r}", "doc_id")
-        document = {"doc_id": record.doc_id, "gid": record.gid, "text": record.text, "num_tokens": record.num_tokens}
+        document = {"doc_id": record.doc_id, "gid": record.gid, "text": record.text,
+                    "num_tokens": record.num_tokens}
         if tokens:
-            document["token_ids"] = document_token_ids(self.tokenizer, record.gid, record.text, self.is_msa_checkpoint)
+            document["token_ids"] = document_token_ids(self.tokenizer, record.gid, record.text,
+                                                       self.is_msa_checkpoint)
         return document
 
     def list_documents(self, memory_id: str, limit: int, offset: int) -> dict:

@@ -47,7 +47,8 @@ def document_token_ids(tokenizer, gid: int, text: str, msa_checkpoint: bool) -> 
     checkpoints (spec §3). Ingestion and `GET .../documents/{doc_id}?tokens=true` both use this."""
     from sglang_msa.models.msa_config import wrap_document
 
-    return list(tokenizer(wrap_document(gid, text) if msa_checkpoint else text, add_special_tokens=False).input_ids)
+    encoded = wrap_document(gid, text) if msa_checkpoint else text
+    return list(tokenizer(encoded, add_special_tokens=False).input_ids)
 
 
 def last_user_turn(messages: list[dict]) -> int:
@@ -71,8 +72,8 @@ def build_chat_prompt(tokenizer, messages: list[dict], routing_text: str | None)
 def build_msa_chat_prompt(tokenizer, messages: list[dict], routing_text: str | None) -> MemoryPrompt:
     """The spec's query prompt (§10, round 1) for the last user message {Q}:
 
-        <|im_start|>user\n | [memory] | \nPlease answer ...\n\n{Q}\nPlease return all documents related | <|im_end|>\n<|im_start|>
-        template                        routing tokens: instruction + question + request, and a newline
+        <|im_start|>user\n | [memory] | \nPlease answer ...\n\n{Q}\nPlease return all ... question\n | <|im_end|>\n<|im_start|>
+        template                        routing: instruction + question + request, and the newline
 
     built from token ids segment by segment (`InterleavePrompts.first_round`), so no token merges
     across the template boundary. `routing_text`, when given, must occur in the routed text; its
