@@ -53,8 +53,8 @@ class EngineMemories:
     def list_documents(self, memory_id: str, limit: int = 100, offset: int = 0) -> dict:
         return self._api.list_documents(memory_id, limit, offset)
 
-    def get_document(self, memory_id: str, doc_id: str) -> dict:
-        return self._api.get_document(memory_id, doc_id)
+    def get_document(self, memory_id: str, doc_id: str, tokens: bool = False) -> dict:
+        return self._api.get_document(memory_id, doc_id, tokens)
 
     def delete_document(self, memory_id: str, doc_id: str) -> dict:
         return self._run(self._api.delete_document(memory_id, doc_id))

@@ -20,20 +20,33 @@ NUM_LAYERS = 4
 MSA_MARKERS = ("<|object_ref_end|>", "<End-of-Retrieve>")  # special tokens of the MSA tokenizer (spec §10)
 
 
+def released_msa_config(aux_loss_method: str = "INFONCE_DECOUPLE") -> dict:
+    """Every msa_config key the official resave writes (spec §1), with the released values except
+    the tiny model's layers, top-k and chunk size."""
+    return {
+        "router_layer_idx": "2,3", "top_k_docs": 2, "pooling_kernel_size": 4, "decouple_router": True,
+        "head_reduce_method": "mean", "query_reduce_method": "max", "chunk_reduce_method": "max",
+        "decouple_pooling_mode": "mean", "aux_loss_method": aux_loss_method, "infonce_loss_temp": 0.1,
+        "aux_loss": False, "rewrite_position": True,
+        "lmloss_weigth": 1.0, "auxloss_weight": 0.1, "recloss_weight": 0.0, "ansloss_weight": 1.0,
+    }
+
+
 def build_tiny_msa_checkpoint(out_dir: Path, aux_loss_method: str = "INFONCE_DECOUPLE", seed: int = 0) -> Path:
-    """A 4-layer Qwen3 with layers 2 and 3 routed, top-2 documents, 4-token chunks."""
+    """A 4-layer Qwen3 with layers 2 and 3 routed, top-2 documents, 4-token chunks; its config.json
+    is shaped like a released one (the official decoder layer's `sliding_window: false`), and its
+    tokenizer has a "\\n\\n" token, as Qwen's has."""
     out_dir = Path(out_dir)
-    build_tiny_model("qwen3", out_dir, seed=seed, num_layers=NUM_LAYERS, extra_special_tokens=MSA_MARKERS)
+    build_tiny_model("qwen3", out_dir, seed=seed, num_layers=NUM_LAYERS, extra_special_tokens=MSA_MARKERS,
+                     qwen_newlines=True)
     config = json.loads((out_dir / "config.json").read_text())
     config.update(
         model_type="msa",
         architectures=["MSAForCausalLM"],
-        msa_config={
-            "router_layer_idx": "2,3", "top_k_docs": 2, "pooling_kernel_size": 4, "decouple_router": True,
-            "head_reduce_method": "mean", "query_reduce_method": "max", "chunk_reduce_method": "max",
-            "decouple_pooling_mode": "mean", "aux_loss_method": aux_loss_method, "infonce_loss_temp": 0.1,
-            "aux_loss": False, "rewrite_position": True,
-        },
+        sliding_window=False,
+        use_sliding_window=False,
+        max_window_layers=28,
+        msa_config=released_msa_config(aux_loss_method),
     )
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     weights = load_file(out_dir / "model.safetensors")

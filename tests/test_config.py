@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,9 +11,17 @@ import sys
 import pytest
 from pydantic import ValidationError
 
+from msa_checkpoints import build_tiny_msa_checkpoint, released_msa_config
 from sglang_msa.config import MSAOptions, parse_options
-from sglang_msa.models.msa_config import options_for_checkpoint, routed_layers_of
+from sglang_msa.models.msa_config import MSAConfig, options_for_checkpoint, routed_layers_of
 from sglang_msa.plugin import reserved_mem_fraction
+
+# what the official resave writes into msa_config (issue #17)
+RELEASED_MSA_CONFIG_KEYS = {
+    "ansloss_weight", "lmloss_weigth", "recloss_weight", "auxloss_weight", "aux_loss", "aux_loss_method",
+    "infonce_loss_temp", "decouple_router", "decouple_pooling_mode", "rewrite_position", "pooling_kernel_size",
+    "router_layer_idx", "top_k_docs", "head_reduce_method", "query_reduce_method", "chunk_reduce_method",
+}
 
 
 def test_options_from_json_text_and_file(tmp_path):
@@ -50,6 +59,53 @@ def test_checkpoint_values_override_the_method_options():
     assert options.memory_content == "pooled" and options.max_document_tokens == 99  # limits stay
     assert options_for_checkpoint(MSAOptions(), {**released, "aux_loss_method": "INFONCE"}, 36).similarity == "cosine"
     assert options_for_checkpoint(MSAOptions(similarity="cosine"), released, 36).similarity == "cosine"
+
+
+def test_a_released_config_json_loads(tmp_path, caplog):
+    """The tiny checkpoints are shaped like a released config.json: the official decoder layer's
+    `sliding_window: false` beside `use_sliding_window: false`, and every msa_config key."""
+    model_dir = build_tiny_msa_checkpoint(tmp_path)
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert (saved["sliding_window"], saved["use_sliding_window"], saved["max_window_layers"]) == (False, False, 28)
+    assert set(saved["msa_config"]) == RELEASED_MSA_CONFIG_KEYS
+    with caplog.at_level(logging.DEBUG, logger="sglang_msa.models.msa_config"):
+        config = MSAConfig.from_pretrained(model_dir)
+    assert config.sliding_window is None and set(config.layer_types) == {"full_attention"}
+    assert config.msa_config == saved["msa_config"]
+    ignored = [r for r in caplog.records if "used only in training" in r.getMessage()]
+    assert len(ignored) == 1 and ignored[0].levelno == logging.DEBUG
+    assert "lmloss_weigth" in ignored[0].getMessage() and "rewrite_position" in ignored[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("window", [False, None, 4096])
+def test_every_sliding_window_value_the_official_code_writes_serves_full_attention(window):
+    for use_window in (False, True):
+        config = MSAConfig(sliding_window=window, use_sliding_window=use_window, num_hidden_layers=4,
+                           msa_config=released_msa_config())
+        assert config.sliding_window is None  # the official decoder layer sets it False: no window
+
+
+@pytest.mark.parametrize("update, key", [
+    ({"decouple_router": False}, "decouple_router"),
+    ({"decouple_pooling_mode": "max"}, "decouple_pooling_mode"),
+    ({"head_reduce_method": "min"}, "head_reduce_method"),
+    ({"query_reduce_method": "first"}, "query_reduce_method"),
+    ({"chunk_reduce_method": "sum"}, "chunk_reduce_method"),
+    ({"router_layer_idx": "2,9"}, "router_layer_idx"),
+    ({"router_layer_idx": "two"}, "router_layer_idx"),
+    ({"top_k_docs": 0}, "top_k_docs"),
+    ({"pooling_kernel_size": "64"}, "pooling_kernel_size"),
+])
+def test_msa_config_values_that_serving_lacks_are_refused_naming_the_key(update, key):
+    with pytest.raises(ValueError, match=f"msa_config.{key} "):
+        MSAConfig(num_hidden_layers=4, msa_config={**released_msa_config(), **update})
+
+
+def test_unknown_msa_config_keys_are_ignored_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="sglang_msa.models.msa_config"):
+        MSAConfig(num_hidden_layers=4, msa_config={**released_msa_config(), "doc_top_k": 8})
+    assert "doc_top_k" in caplog.text
 
 
 def test_memory_budget_is_taken_out_of_sglangs_static_fraction():

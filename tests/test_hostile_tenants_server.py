@@ -134,9 +134,12 @@ def test_keys_scope_every_memory_operation(server):
         call("GET", f"{memories}/alpha-notes", BRAVO),
         call("GET", f"{memories}/alpha-notes/documents", BRAVO),
         call("GET", f"{memories}/alpha-notes/documents/secret", BRAVO),
+        call("GET", f"{memories}/alpha-notes/documents/secret?tokens=true", BRAVO),
         call("POST", f"{memories}/alpha-notes/documents", BRAVO, documents=[{"text": "planted"}]),
         call("POST", f"{memories}/alpha-notes/chat/completions", BRAVO, **chat),
         call("POST", f"{memories}/alpha-notes/generate", BRAVO, text="secret"),
+        call("POST", f"{memories}/alpha-notes/generate", BRAVO, text="secret", return_logprob=True,
+             logprob_start_len=0),
         call("DELETE", f"{memories}/alpha-notes/documents/secret", BRAVO),
         call("DELETE", f"{memories}/alpha-notes", BRAVO),
     ]
@@ -146,6 +149,8 @@ def test_keys_scope_every_memory_operation(server):
     own = call("POST", f"{memories}/alpha-notes/chat/completions", ALPHA, **chat)
     assert own.status_code == 200 and [d["doc_id"] for d in own.json()["msa"]["retrieved"]] == ["secret"]
     assert call("GET", f"{memories}/alpha-notes/documents/secret", ALPHA).json()["text"] == "Alpha's secret is 4471."
+    own_tokens = call("GET", f"{memories}/alpha-notes/documents/secret?tokens=true", ALPHA).json()
+    assert len(own_tokens["token_ids"]) == own_tokens["num_tokens"]
     assert call("GET", f"{memories}/alpha-notes", ALPHA).json()["documents"] == 1  # nothing planted
 
 

@@ -1,6 +1,7 @@
 """A tiny MSA-format checkpoint served through HTTP equals the spec's forward, computed
 independently (tests/msa_checkpoints.py, float64): per routed layer the selected documents,
-the next-token log-probabilities, and the greedy tokens."""
+the log-probabilities of every prompt position and of the next token, and the greedy tokens.
+The reference encodes each document from the token ids the API reports it was stored with."""
 
 from __future__ import annotations
 
@@ -62,8 +63,11 @@ def test_server_equals_reference_forward(served_checkpoint):
     assert reference.options.similarity == ("cosine" if reference.config["msa_config"]["aux_loss_method"] == "INFONCE"
                                             else "dot")
     memory = []
-    for gid, text in enumerate(DOCUMENTS):
-        ids = tokenizer(wrap_document(gid, text), add_special_tokens=False).input_ids
+    for gid, text in enumerate(DOCUMENTS):  # the ids each document was stored with, from the API
+        stored = requests.get(f"{url}/v1/memories/parity/documents/{gid}", params={"tokens": "true"}, timeout=30)
+        ids = stored.json()["token_ids"]
+        assert ids == tokenizer(wrap_document(gid, text), add_special_tokens=False).input_ids
+        assert stored.json()["num_tokens"] == len(ids)
         memory.append({"num_tokens": len(ids), "layers": reference.encode_document(ids)})
     assert sum(doc["num_tokens"] > 4 for doc in memory) == len(DOCUMENTS)  # every document spans chunks
 
@@ -73,7 +77,7 @@ def test_server_equals_reference_forward(served_checkpoint):
         response = requests.post(f"{url}/v1/memories/parity/generate", json={
             "input_ids": prompt.input_ids,
             "sampling_params": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0, "ignore_eos": True},
-            "return_logprob": True, "top_logprobs_num": 5,
+            "return_logprob": True, "top_logprobs_num": 5, "logprob_start_len": 0,
             "msa": {"routing_spans": [list(span) for span in prompt.routing_spans], "template_tokens": prompt.template_tokens,
                     "routing_details": True},
         }, timeout=120)
@@ -84,6 +88,12 @@ def test_server_equals_reference_forward(served_checkpoint):
         served_layers = {int(layer): sel["doc_gids"] for layer, sel in served["msa"]["layers"].items()}
         assert served_layers == selections, question
         assert all(len(gids) == 2 for gids in served_layers.values())
+
+        prompt_logprobs = torch.log_softmax(logits[:-1], -1)  # position i predicts token i + 1
+        served_prompt = served["meta_info"]["input_token_logprobs"]
+        assert [token_id for _, token_id, _ in served_prompt] == prompt.input_ids and served_prompt[0][0] is None
+        for i, (served_logprob, token_id, _) in enumerate(served_prompt[1:]):
+            assert math.isclose(served_logprob, float(prompt_logprobs[i, token_id]), abs_tol=1e-4), (question, i)
 
         logprobs = torch.log_softmax(logits[-1], -1)
         first_top = served["meta_info"]["output_top_logprobs"][0]

@@ -20,23 +20,34 @@ CORPUS = [
     "Memory sparse attention routes each query to the most relevant documents.",
     "Here we go. There and back again. 0123456789 abcdefghijklmnopqrstuvwxyz",
 ] * 20
+BLANK_LINE_CORPUS = ["Question:\n\nWhere is Paris?\n\nThe capital of France.\n"] * 20
+# Qwen2/Qwen3's pre-tokenizer pattern: `\s*[\r\n]+` keeps a run of newlines together
+QWEN_PRETOKENIZE_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
-def build_tokenizer(vocab_size: int = 512, extra_special_tokens: tuple[str, ...] = ()):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(vocab_size: int = 512, extra_special_tokens: tuple[str, ...] = (),
+                    qwen_newlines: bool = False):
+    r"""`qwen_newlines`: split text like Qwen's tokenizer (a run of newlines is one piece) and learn
+    from text with blank lines, so that "\n\n" is one token, as in Qwen's vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not qwen_newlines)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_PATTERN), behavior="isolated"), byte_level]
+    ) if qwen_newlines else byte_level
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS + list(extra_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.train_from_iterator(CORPUS + (BLANK_LINE_CORPUS if qwen_newlines else []), trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=None,
@@ -77,13 +88,13 @@ def build_config(arch: str, vocab_size: int, eos_token_id: int, num_layers: int 
 
 
 def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, num_layers: int = 2,
-                     extra_special_tokens: tuple[str, ...] = ()) -> Path:
+                     extra_special_tokens: tuple[str, ...] = (), qwen_newlines: bool = False) -> Path:
     """Write a tiny random `arch` checkpoint (config, safetensors, tokenizer) to out_dir."""
     import torch
     import transformers
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(extra_special_tokens=extra_special_tokens)
+    tokenizer = build_tokenizer(extra_special_tokens=extra_special_tokens, qwen_newlines=qwen_newlines)
     config = build_config(arch, len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"), num_layers)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -34,13 +34,14 @@ from sglang_msa.server.interleave import (
     run_interleave,
 )
 from sglang_msa.server.metadata import NO_TENANT, DocumentRecord, MemoryRecord, MetadataStore
-from sglang_msa.models.msa_config import MSA_MODEL_TYPE, wrap_document
+from sglang_msa.models.msa_config import MSA_MODEL_TYPE
 from sglang_msa.server.request_checks import check_input_ids, checked_sampling_params
 from sglang_msa.server.prompting import (
     MemoryPrompt,
     build_chat_prompt,
     build_msa_chat_prompt,
     build_prompt,
+    document_token_ids,
     injected_question,
     last_user_turn,
 )
@@ -358,8 +359,7 @@ class MemoryAPI:
         """Token ids of each document as the model encodes it (MSA checkpoints: wrapped with its id)."""
         token_ids = []
         for index, (doc, gid) in enumerate(zip(body.documents, gids)):
-            text = wrap_document(gid, doc.text) if self.is_msa_checkpoint else doc.text
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            ids = document_token_ids(self.tokenizer, gid, doc.text, self.is_msa_checkpoint)
             if not ids:
                 raise APIError(422, "the document has no tokens", f"documents[{index}].text")
             if len(ids) > self.options.max_document_tokens:
@@ -368,11 +368,17 @@ class MemoryAPI:
             token_ids.append(ids)
         return token_ids
 
-    def get_document(self, memory_id: str, doc_id: str) -> dict:
+    def get_document(self, memory_id: str, doc_id: str, tokens: bool = False) -> dict:
+        """The document's record; with `tokens`, also the token ids it was encoded with."""
         record = self.metadata.get_document(self.require_memory(memory_id).memory_key, doc_id)
         if record is None:
             raise APIError(404, f"document {doc_id!r} does not exist in memory {memory_id!r}", "doc_id")
-        return {"doc_id": record.doc_id, "gid": record.gid, "text": record.text, "num_tokens": record.num_tokens}
+        document = {"doc_id": record.doc_id, "gid": record.gid, "text": record.text,
+                    "num_tokens": record.num_tokens}
+        if tokens:
+            document["token_ids"] = document_token_ids(self.tokenizer, record.gid, record.text,
+                                                       self.is_msa_checkpoint)
+        return document
 
     def list_documents(self, memory_id: str, limit: int, offset: int) -> dict:
         key = self.require_memory(memory_id).memory_key
@@ -537,6 +543,7 @@ class MemoryAPI:
             out = completed(await self.generate(
                 prompt.input_ids, sampling_params, self.query_params(record, prompt, rid), rid,
                 return_logprob=body.return_logprob, top_logprobs_num=body.top_logprobs_num,
+                logprob_start_len=body.logprob_start_len,
             ).__anext__())
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc

@@ -42,6 +42,15 @@ def build_prompt(tokenizer, prompt_text: str, routing_text: str, param: str) -> 
     return MemoryPrompt(input_ids=list(encoded["input_ids"]), routing_spans=(span,))
 
 
+def document_token_ids(tokenizer, gid: int, text: str, msa_checkpoint: bool) -> list[int]:
+    """The token ids document `gid` is encoded with: its text, wrapped with its id for MSA
+    checkpoints (spec §3). Ingestion and `GET .../documents/{doc_id}?tokens=true` both use this."""
+    from sglang_msa.models.msa_config import wrap_document
+
+    encoded = wrap_document(gid, text) if msa_checkpoint else text
+    return list(tokenizer(encoded, add_special_tokens=False).input_ids)
+
+
 def last_user_turn(messages: list[dict]) -> int:
     """Index of the last non-empty user message: the question of a memory query."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "user" and m["content"].strip()]
@@ -61,27 +70,31 @@ def build_chat_prompt(tokenizer, messages: list[dict], routing_text: str | None)
 
 
 def build_msa_chat_prompt(tokenizer, messages: list[dict], routing_text: str | None) -> MemoryPrompt:
-    """The prompt an MSA checkpoint was trained on (spec §10, answer without interleave):
+    """The spec's query prompt (§10, round 1) for the last user message {Q}:
 
-        <|im_start|>user\n | [memory] | \nPlease answer ... information\n\n{Q} | <|im_end|>\n<|im_start|>assistant\n
-        template (3 tokens)             routing tokens: instruction + question
+        <|im_start|>user\n | [memory] | \nPlease answer ...\n\n{Q}\nPlease return all ... question\n | <|im_end|>\n<|im_start|>
+        template                        routing: instruction + question + request, and the newline
 
-    {Q} is the last user message; `routing_text`, when given, must occur in that routing part.
+    built from token ids segment by segment (`InterleavePrompts.first_round`), so no token merges
+    across the template boundary. `routing_text`, when given, must occur in the routed text; its
+    tokens alone route.
     """
-    from sglang_msa.models.msa_config import TEMPLATE_HEAD
+    from sglang_msa.server.interleave import RETRIEVAL_REQUEST, InterleavePrompts
 
-    routed_part = MSA_INSTRUCTION + messages[last_user_turn(messages)]["content"]
-    prompt_text = TEMPLATE_HEAD + routed_part + "<|im_end|>\n<|im_start|>assistant\n"
-    template_tokens = len(tokenizer(TEMPLATE_HEAD, add_special_tokens=False).input_ids)
-    if routing_text is not None:
-        if routing_text not in routed_part:
-            raise PromptError("the routing text does not occur in the question", "msa.routing_text")
-        prompt = build_prompt(tokenizer, prompt_text, routing_text, "msa.routing_text")
-    else:
-        prompt = build_prompt(tokenizer, prompt_text, routed_part, "messages")
-    if prompt.routing_spans[0][0] < template_tokens:
-        raise PromptError("the routing text overlaps the template", "msa.routing_text")
-    return MemoryPrompt(prompt.input_ids, prompt.routing_spans, template_tokens)
+    question = messages[last_user_turn(messages)]["content"]
+    prompt, question_span = InterleavePrompts(tokenizer).first_round(question)
+    if routing_text is None:
+        return prompt
+    routed_text = MSA_INSTRUCTION + question + RETRIEVAL_REQUEST
+    start = routed_text.rfind(routing_text)
+    if start < 0:
+        raise PromptError("the routing text does not occur in the question", "msa.routing_text")
+    encoded = tokenizer(routed_text, add_special_tokens=False, return_offsets_mapping=True)
+    span = char_span_to_token_span(encoded["offset_mapping"], start, start + len(routing_text))
+    if span is None:
+        raise PromptError("the routing text covers no token of the prompt", "msa.routing_text")
+    first = question_span[0]
+    return MemoryPrompt(prompt.input_ids, ((first + span[0], first + span[1]),), prompt.template_tokens)
 
 
 def injected_question(older: list[str], newest: list[str], question: str) -> tuple[str, str]:

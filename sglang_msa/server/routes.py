@@ -135,8 +135,10 @@ async def list_documents(memory_id: str = MemoryIdPath, limit: int = Query(100, 
 
 
 @router.get("/{memory_id}/documents/{doc_id}")
-async def get_document(memory_id: str = MemoryIdPath, doc_id: str = DocIdPath, api: MemoryAPI = ApiDependency):
-    return api.get_document(memory_id, doc_id)
+async def get_document(memory_id: str = MemoryIdPath, doc_id: str = DocIdPath, tokens: bool = Query(False),
+                       api: MemoryAPI = ApiDependency):
+    """The document's text and sizes; `?tokens=true` adds the token ids it was encoded with."""
+    return api.get_document(memory_id, doc_id, tokens)
 
 
 @router.delete("/{memory_id}/documents/{doc_id}")

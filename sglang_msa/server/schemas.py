@@ -110,6 +110,10 @@ class MemoryGenerateRequest(BaseModel):
     input_ids: list[int] | None = Field(None, min_length=1)
     sampling_params: dict = Field(default_factory=dict)
     return_logprob: bool = False
+    logprob_start_len: int = Field(
+        -1, ge=-1, description="with return_logprob: the first prompt position whose log-prob is returned "
+        "(meta_info.input_token_logprobs; -1: output tokens only, as SGLang's /generate)",
+    )
     top_logprobs_num: int = Field(0, ge=0, le=64)
     stream: Literal[False] = False
     msa: MemoryOptions = Field(default_factory=MemoryOptions)
