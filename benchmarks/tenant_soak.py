@@ -40,7 +40,8 @@ TENANTS = ("tenant-a", "tenant-b", "tenant-c")
 NAMES = ("race-0", "race-1", "race-2")
 KINDS = ("cross_tenant", "ghost", "lost_ack", "http_5xx", "namespace", "admin_open", "scheduler_dead")
 OPERATIONS = {"create": 1, "add": 4, "delete_doc": 2, "delete_memory": 1, "query": 3, "hostile": 2}
-HOSTILE = {"hostile_generate": 8, "abort_nokey": 5, "abort_tenant": 5, "abort_admin": 2}
+HOSTILE = {"hostile_generate": 8, "abort_nokey": 5, "abort_tenant": 5, "abort_own": 5}
+ADMIN_ABORT_WEIGHT = 2  # with --admin-aborts: the admin aborts every request (its victims answer 503)
 WORDS = "river lantern garden silver market harbor winter meadow copper forest engine violet archive".split()
 HEADER = re.compile(r"^\[(\S+) (\S+) incarnation (\d+) doc (\S+)\]")
 TIMEOUT_S = 120
@@ -270,16 +271,44 @@ class Soak:
                                      memory=incarnation.name, incarnation=incarnation.number, doc_id=doc_id)
 
     def hostile(self, tenant: Tenant, rng: random.Random) -> None:
-        """SGLang's own endpoints: a dropped generate (SGLang aborts by rid prefix) or an abort of all."""
-        action = rng.choices(list(HOSTILE), weights=list(HOSTILE.values()))[0]
+        """SGLang's own endpoints: a dropped generate (SGLang aborts by rid prefix) or an abort of all;
+        or the tenant's own streaming chat, dropped after its first chunk (the server aborts it)."""
+        actions = {**HOSTILE, **({"abort_admin": ADMIN_ABORT_WEIGHT} if self.args.admin_aborts else {})}
+        action = rng.choices(list(actions), weights=list(actions.values()))[0]
         if action == "hostile_generate":  # the client times out after 0.5 s and closes the connection
             self.call(action, "POST", "/generate", body={"text": "hello", "rid": "msa-", "sampling_params": {
                 "max_new_tokens": 1500, "ignore_eos": True}}, timeout=0.5)
+            return
+        if action == "abort_own":
+            self.drop_own_stream(tenant, rng)
             return
         key = {"abort_nokey": None, "abort_tenant": tenant.key, "abort_admin": self.admin_key}[action]
         status, _ = self.call(action, "POST", "/abort_request", key, {"abort_all": True}, timeout=30)
         if action != "abort_admin" and status is not None and status < 400:
             self.stats.violation("admin_open", op=action, tenant=tenant.name, status=status)
+
+    def drop_own_stream(self, tenant: Tenant, rng: random.Random) -> None:
+        """A streaming chat over one of the tenant's memories, closed after its first chunk."""
+        if (incarnation := self.pick(tenant, rng)) is None:
+            return
+        self.gate.wait()
+        body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 64, "stream": True}
+        began = time.perf_counter()
+        try:
+            with requests.post(f"{self.servers[-1].base_url}/v1/memories/{incarnation.name}/chat/completions",
+                               json=body, headers={"Authorization": f"Bearer {tenant.key}"}, stream=True,
+                               timeout=TIMEOUT_S) as response:
+                status = response.status_code
+                next(response.iter_lines(), None)
+        except requests.RequestException:
+            status = None
+        with self.stats.lock:
+            self.stats.latencies["abort_own"].append(time.perf_counter() - began)
+            self.stats.statuses["abort_own"][str(status)] += 1
+            if status is not None and status >= 500:
+                self.stats.server_errors["POST /v1/memories/{id}/chat/completions (stream)"] += 1
+        if status is not None and status >= 500:
+            self.stats.violation("http_5xx", endpoint="chat/completions (stream)", status=status)
 
     def check(self, phase: str) -> None:
         """Every tenant's memories against the ledger (workers paused); settles what was uncertain."""
@@ -409,6 +438,8 @@ def main() -> None:
     parser.add_argument("--model", help="model directory (default: a tiny random Llama)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tenants-threads", type=int, default=2, help="worker threads per tenant")
+    parser.add_argument("--admin-aborts", action="store_true",
+                        help="the admin also aborts every request now and then (the requests it aborts answer 503)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tenant-soak-"))
     model = Path(args.model) if args.model else build_tiny_model("llama", work / "tiny-llama", seed=args.seed)

@@ -197,8 +197,12 @@ def admit_msa_request(original, scheduler, req, *args, **kwargs):
 
     service = get_service()
     if service is not None and not req.finished():
-        error = token_id_error(req.origin_input_ids, scheduler.model_config.vocab_size)
-        error = error or service.admit_request(req)
+        try:
+            error = token_id_error(req.origin_input_ids, scheduler.model_config.vocab_size)
+            error = error or service.admit_request(req)
+        except Exception:  # one request must never take the scheduler, and every tenant, down
+            logger.exception("sglang-msa: admission of request %r failed", req.rid)
+            error = "the request could not be admitted (see the server log)"
         if error is not None:
             req.set_finish_with_abort(f"sglang-msa: {error}")
     return original(scheduler, req, *args, **kwargs)

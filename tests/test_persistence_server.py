@@ -52,16 +52,23 @@ def listed(url: str) -> list[str]:
     return [doc["doc_id"] for doc in response.json()["documents"]]
 
 
+def memory_tensors(tensors_root: Path, memory_id: str) -> Path:
+    """The directory of the memory named `memory_id` (directories are named by incarnation key)."""
+    found = [p.parent for p in tensors_root.glob("*/memory.json") if json.loads(p.read_text())["memory_id"] == memory_id]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def leave_crash_leftovers(memory_dir: Path) -> None:
     """What a crash at the worst moments leaves: the tensors of a document whose record was
     never written (killed between the two), and a record whose tensors were already removed (a
     deletion under way)."""
-    tensors = memory_dir / "tensors" / "library"
+    tensors = memory_tensors(memory_dir / "tensors", "library")
     doc = read_document(next(tensors.glob("*.safetensors")))
     flat, metadata = document_tensors(dataclasses.replace(doc, gid=9999))
     save_file(flat, str(tensors / "9999.safetensors"), metadata=metadata)
     metadata_store = MetadataStore(memory_dir / METADATA_FILE)
-    assert metadata_store.add_document(DocumentRecord("library", 8888, "orphan-record", "lost", 3))
+    assert metadata_store.add_document(DocumentRecord(tensors.name, 8888, "orphan-record", "lost", 3))
 
 
 def test_restart_and_hard_kill_keep_exactly_the_acknowledged_documents(tiny_llama, tmp_path):
@@ -121,7 +128,7 @@ def test_restart_and_hard_kill_keep_exactly_the_acknowledged_documents(tiny_llam
         assert "orphan-record" not in present
         info = requests.get(f"{url}/v1/memories/library", timeout=30).json()
         assert info["documents"] == len(present)  # no half documents: tensors and records agree
-        assert not (memory_dir / "tensors" / "library" / "9999.safetensors").exists()
+        assert not (memory_tensors(memory_dir / "tensors", "library") / "9999.safetensors").exists()
         for doc_id in present:
             if doc_id not in expected:
                 requests.delete(f"{url}/v1/memories/library/documents/{doc_id}", timeout=30).raise_for_status()
@@ -150,7 +157,7 @@ def test_tensor_parallel_ranks_restore_their_shards(tiny_llama, tmp_path, monkey
         server.kill()
     assert min(info["routed_documents_per_rank"]) > 0
     expected = [d["doc_id"] for d in base if d["doc_id"] != "book-5"]
-    rank_dirs = [memory_dir / "ranks" / str(rank) / "tensors" / "library" for rank in (0, 1)]
+    rank_dirs = [memory_tensors(memory_dir / "ranks" / str(rank) / "tensors", "library") for rank in (0, 1)]
     assert all(len(list(d.glob("*.safetensors"))) == len(expected) for d in rank_dirs)
     interrupted = rank_dirs[1] / "9999.safetensors"  # written by rank 1 only
     doc = read_document(next(rank_dirs[1].glob("*.safetensors")))

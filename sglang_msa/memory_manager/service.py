@@ -193,7 +193,7 @@ class MemoryService:
             return reserved_rid_error(req.rid)
         memory_key = self.resolve_memory(params, req.rid)
         if memory_key is None:
-            return f"memory {params.memory_id or params.memory_key!r} does not exist"
+            return f"memory {getattr(params, 'memory_id', None) or params.memory_key!r} does not exist"
         params = params.model_copy(update={"memory_key": memory_key})
         prompt_len = len(req.origin_input_ids)
         if isinstance(params, IngestParams):
