@@ -3,11 +3,11 @@
 One msa server (a tiny random Llama unless --model) with two tenants' keys and an admin key.
 Tenant B reads its memory's listing and document every --interval seconds (requests the event
 loop serves alone: their latency is the event loop's) and asks one short chat per round; tenant A
-meanwhile posts, one after another: a 6 MB document, a 50 MB body, and a legal large document
-(max_document_tokens tokens). Prints B's latency (p50 / p99 / max) quiet and under A's uploads, and
-A's status and time for each upload; writes <out>/tenant_latency.json.
+meanwhile posts, round after round for --load-s seconds: a 6 MB document, a 50 MB body, and a legal
+document (just under max_document_tokens). Prints B's latency (p50 / p99 / max) quiet and under A's
+uploads, and A's statuses and times per kind of upload; writes <out>/tenant_latency.json.
 
-    SGLANG_USE_CPU_ENGINE=1 .venv/bin/python benchmarks/tenant_latency.py [--quiet-s 20] [--out DIR]
+    SGLANG_USE_CPU_ENGINE=1 .venv/bin/python benchmarks/tenant_latency.py [--quiet-s 20] [--load-s 30] [--out DIR]
 """
 
 from __future__ import annotations
@@ -74,28 +74,34 @@ class Reader(threading.Thread):
         return [latency for began, k, latency in self.samples if k == kind and start <= began < end]
 
 
-def uploads(url: str, key: str) -> list[dict]:
-    """Tenant A's three uploads, one after another: (what, status, seconds)."""
+def uploads(url: str, key: str, load_s: float) -> tuple[dict[str, list[tuple[int, float]]], dict[str, str]]:
+    """Tenant A's uploads, round after round for `load_s` seconds: kind -> [(status, seconds)], and
+    kind -> the first refusal's message."""
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    legal = ("the quick brown fox jumps over the lazy dog " * 200)[:6000]  # under max_document_tokens
+    legal = ("the quick brown fox jumps over the lazy dog " * 200)[:2400]  # ~1,500 tokens of the tiny model
     bodies = {
-        "6 MB document": json.dumps({"documents": [{"text": "word " * (6 * 2**20 // 5)}]}),
-        "50 MB body": json.dumps({"documents": [{"text": "x" * (50 * 2**20)}]}),
-        f"legal document ({len(legal)} chars)": json.dumps({"documents": [{"text": legal}]}),
+        "6 MB document": json.dumps({"documents": [{"text": "word " * (6 * 2**20 // 5)}]}).encode(),
+        "50 MB body": json.dumps({"documents": [{"text": "x" * (50 * 2**20)}]}).encode(),
+        f"legal document ({len(legal)} chars)": json.dumps({"documents": [{"text": legal}]}).encode(),
     }
-    results = []
-    for what, body in bodies.items():
-        began = time.monotonic()
-        response = requests.post(f"{url}/v1/memories/uploads/documents", data=body, headers=headers, timeout=900)
-        results.append({"what": what, "status": response.status_code, "seconds": time.monotonic() - began,
-                        "began": began})
-    return results
+    results: dict[str, list[tuple[int, float]]] = {what: [] for what in bodies}
+    refusals: dict[str, str] = {}
+    deadline = time.monotonic() + load_s
+    while time.monotonic() < deadline:
+        for what, body in bodies.items():
+            began = time.monotonic()
+            response = requests.post(f"{url}/v1/memories/uploads/documents", data=body, headers=headers, timeout=900)
+            results[what].append((response.status_code, time.monotonic() - began))
+            if response.status_code >= 400:
+                refusals.setdefault(what, response.text[:300])
+    return results, refusals
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--quiet-s", type=float, default=20.0)
+    parser.add_argument("--load-s", type=float, default=30.0)
     parser.add_argument("--interval-s", type=float, default=0.05)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -120,7 +126,7 @@ def main() -> None:
         quiet_start = time.monotonic()
         time.sleep(args.quiet_s)
         loaded_start = time.monotonic()
-        results = uploads(url, key_a)
+        results, refusals = uploads(url, key_a, args.load_s)
         loaded_end = time.monotonic()
         reader.stopped.set()
         reader.join()
@@ -129,7 +135,9 @@ def main() -> None:
         "reader_quiet": {kind: summary(reader.between(quiet_start, loaded_start, kind)) for kind in ("read", "chat")},
         "reader_during_uploads": {kind: summary(reader.between(loaded_start, loaded_end, kind))
                                   for kind in ("read", "chat")},
-        "uploads": [{k: v for k, v in r.items() if k != "began"} for r in results],
+        "uploads": {what: {"statuses": sorted({status for status, _ in rows}), **summary([s for _, s in rows])}
+                    for what, rows in results.items()},
+        "refusals": refusals,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tenant_latency.json").write_text(json.dumps(report, indent=2))
@@ -138,9 +146,11 @@ def main() -> None:
         for kind, row in report[phase].items():
             print(f"{phase.removeprefix('reader_') + ' ' + kind:<28}{row['count']:>7}{row['p50_s']:>9.3f}"
                   f"{row['p99_s']:>9.3f}{row['max_s']:>9.3f}")
-    print(f"\n{'tenant A upload':<36}{'status':>7}{'seconds':>9}")
-    for row in report["uploads"]:
-        print(f"{row['what']:<36}{row['status']:>7}{row['seconds']:>9.2f}")
+    print(f"\n{'tenant A upload':<36}{'statuses':>10}{'count':>7}{'p50 s':>9}{'max s':>9}")
+    for what, row in report["uploads"].items():
+        print(f"{what:<36}{str(row['statuses']):>10}{row['count']:>7}{row['p50_s']:>9.3f}{row['max_s']:>9.3f}")
+    for what, message in refusals.items():
+        print(f"  {what}: {message}")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,11 @@ class EngineMemories:
         return self._run(self._api.chat(memory_id, body, int(time.time())))
 
     def generate(self, memory_id: str, text: str | None = None, input_ids: list[int] | None = None,
-                 sampling_params: dict | None = None, **msa) -> dict:
-        body = schemas.MemoryGenerateRequest(text=text, input_ids=input_ids, sampling_params=sampling_params or {},
-                                             msa=msa)
+                 sampling_params: dict | None = None, return_logprob: bool = False, logprob_start_len: int = -1,
+                 top_logprobs_num: int = 0, **msa) -> dict:
+        """SGLang-native generate over the memory (log-probs as SGLang's /generate); `msa` takes the
+        memory options (routing_spans, template_tokens, inject_documents, interleave, ...)."""
+        body = schemas.MemoryGenerateRequest(
+            text=text, input_ids=input_ids, sampling_params=sampling_params or {}, return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num, msa=msa)
         return self._run(self._api.generate_over_memory(memory_id, body))

@@ -26,8 +26,11 @@ def main() -> None:
         results["info"] = memories.info("notes")
         results["chat"] = memories.chat("notes", [{"role": "user", "content": "When is the meeting?"}],
                                         max_tokens=4, temperature=0, msa={"routing_details": True})
-        results["generate"] = memories.generate("notes", text="The budget is", sampling_params={
-            "max_new_tokens": 3, "temperature": 0})["msa"]
+        generated = memories.generate("notes", text="The budget is", sampling_params={
+            "max_new_tokens": 3, "temperature": 0}, return_logprob=True, logprob_start_len=0)
+        results["generate"] = generated["msa"]
+        results["prompt_logprobs"] = [len(generated["meta_info"]["input_token_logprobs"]),
+                                      generated["meta_info"]["prompt_tokens"]]
         results["delete_doc"] = memories.delete_document("notes", "budget")
         results["after_delete"] = memories.generate("notes", text="The budget is", sampling_params={
             "max_new_tokens": 3, "temperature": 0})["msa"]

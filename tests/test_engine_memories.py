@@ -29,6 +29,8 @@ def test_engine_memories_round_trip(tiny_llama):
     assert sorted(d["doc_id"] for d in chat["msa"]["retrieved"]) == ["0", "budget"]  # 2 docs, top_k 16
     assert set(chat["msa"]["layers"]) == {"1"}  # upper half of a 2-layer model
     assert {d["doc_id"] for d in out["generate"]["retrieved"]} == {"0", "budget"}
+    prompt_logprobs, prompt_tokens = out["prompt_logprobs"]
+    assert prompt_logprobs == prompt_tokens > 0  # one log-prob per prompt position
     assert out["delete_doc"] == {"doc_id": "budget", "deleted": True}
     assert [d["doc_id"] for d in out["after_delete"]["retrieved"]] == ["0"]
     assert out["missing"]["error"]["code"] == 404

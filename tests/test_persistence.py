@@ -104,6 +104,26 @@ def test_a_failed_write_publishes_nothing(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "tensors" / "a").iterdir()] == ["memory.json"]  # no document, no temp file
 
 
+def test_a_full_disk_refuses_the_ingestion_instead_of_failing_the_forward_pass(tmp_path, monkeypatch):
+    from sglang_msa.attention_backend import memory_ops
+    from sglang_msa.memory_manager.requests import IngestParams, IngestState
+
+    gen = torch.Generator().manual_seed(2)
+    store = MemoryStore(1 << 30, 4, DocumentArchive(tmp_path, FINGERPRINT))
+    store.create("a")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(persistence, "save_file", disk_full)
+    doc = random_document(0, 9, torch.float32, False, True, gen)
+    state = IngestState(IngestParams(op="ingest", memory_key="a", gid=0, grant="-"), num_tokens=9,
+                        pooled=dict(doc.layers))
+    memory_ops.stage_ingestion(store, state)  # raised OSError into the scheduler's forward pass before
+    assert not state.stored and state.error_status == 507 and "No space left" in state.error
+    assert store.contents() == {"a": []} and store.used_bytes() == 0
+
+
 def test_budget_and_deleted_memories_are_checked_before_writing(tmp_path):
     gen = torch.Generator().manual_seed(3)
     doc = random_document(0, 9, torch.float32, True, False, gen)

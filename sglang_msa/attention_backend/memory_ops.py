@@ -64,8 +64,11 @@ def stage_ingestion(store: MemoryStore, state: IngestState) -> None:
         store.stage_document(params.memory_key, doc)
         state.stored = True
     except MemoryOperationError as exc:  # memory deleted meanwhile, ingestion discarded, budget
-        state.error = str(exc)
+        state.error, state.error_status = str(exc), exc.status
         logger.warning("sglang-msa: document %d not stored: %s", params.gid, exc)
+    except OSError as exc:  # the memory directory's disk (full, read-only): a refusal, not a crash
+        state.error, state.error_status = f"the document could not be written to the memory directory: {exc}", 507
+        logger.error("sglang-msa: document %d not stored: %s", params.gid, exc)
 
 
 def empty_selection(like: torch.Tensor) -> LayerSelection:

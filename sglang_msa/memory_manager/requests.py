@@ -158,7 +158,8 @@ class IngestState:
     # per routed layer, the router keys of the passes so far (chunked prefill; MSA checkpoints)
     router_keys: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     stored: bool = False  # staged in the memory, awaiting the server's publish or discard
-    error: str | None = None
+    error: str | None = None  # why it was not stored
+    error_status: int | None = None  # and the HTTP status that maps to (404 memory gone, 507 budget, ...)
     last_access: float = field(default_factory=time.monotonic)
 
 

@@ -373,4 +373,5 @@ class MemoryService:
             raise MemoryOperationError(f"no MSA state for request {rid!r}", 404)
         if isinstance(state, QueryState):
             return {"kind": "query", **state.report()}
-        return {"kind": "ingest", "stored": state.stored, "error": state.error, "num_tokens": state.num_tokens}
+        return {"kind": "ingest", "stored": state.stored, "error": state.error, "error_status": state.error_status,
+                "num_tokens": state.num_tokens}

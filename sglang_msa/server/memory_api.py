@@ -81,6 +81,15 @@ def completed(out: dict) -> dict:
     return out
 
 
+def refusal(exc: ValueError, record: MemoryRecord) -> APIError:
+    """The scheduler's refusal of a memory request, as the caller should read it: 404 when its
+    memory was deleted meanwhile, 400 otherwise, naming the memory by its id, not its key."""
+    message = str(exc).replace(record.memory_key, record.memory_id)
+    if "does not exist" in message:
+        return APIError(404, f"memory {record.memory_id!r} does not exist (deleted meanwhile)", "memory_id")
+    return APIError(400, message)
+
+
 def metadata_path(options: MSAOptions) -> str | Path:
     if options.memory_dir is None:
         return ":memory:"
@@ -335,7 +344,9 @@ class MemoryAPI:
         try:
             completed(await self.generate(token_ids, {"max_new_tokens": 1, "temperature": 0}, msa, rid).__anext__())
         except ValueError as exc:  # the scheduler refused the request
-            return {"stored": False, "status": 409, "error": str(exc)}
+            refused = refusal(exc, record)
+            return {"stored": False, "status": 409 if refused.status == 400 else refused.status,
+                    "error": refused.message}
         except APIError as exc:  # aborted
             return {"stored": False, "status": exc.status, "error": exc.message}
         try:
@@ -344,8 +355,8 @@ class MemoryAPI:
             return {"stored": False, "status": 503, "error": "the ingestion was aborted"}
         if report["stored"]:
             return report
-        status = 507 if "budget" in (report["error"] or "") else 409
-        return {**report, "status": status}
+        error = (report["error"] or "").replace(record.memory_key, record.memory_id)
+        return {**report, "error": error, "status": report["error_status"] or 409}
 
     def check_document_lengths(self, body: schemas.AddDocumentsRequest) -> None:
         """413 for a document that must have more tokens than max_document_tokens, untokenized."""
@@ -365,6 +376,9 @@ class MemoryAPI:
             if len(ids) > self.options.max_document_tokens:
                 raise APIError(413, f"the document has {len(ids)} tokens; max_document_tokens is "
                                f"{self.options.max_document_tokens}", f"documents[{index}].text")
+            if len(ids) >= self.tokenizer_manager.context_len:  # its prefill must fit, with one token to generate
+                raise APIError(413, f"the document has {len(ids)} tokens; the model's context length is "
+                               f"{self.tokenizer_manager.context_len}", f"documents[{index}].text")
             token_ids.append(ids)
         return token_ids
 
@@ -435,7 +449,7 @@ class MemoryAPI:
                 out = completed(await self.generate(prompt.input_ids, ROUND_SAMPLING_PARAMS,
                                                     self.query_params(record, prompt, rid), rid).__anext__())
             except ValueError as exc:
-                raise APIError(400, str(exc)) from exc
+                raise refusal(exc, record) from exc
             return RoundOutput(out["output_ids"], await self.retrieved(record, rid, options.routing_details))
 
         def documents(gids: list[int]) -> dict[int, tuple[str, str]]:
@@ -454,7 +468,7 @@ class MemoryAPI:
             completed(await self.generate(prompt.input_ids, {"max_new_tokens": 1, "temperature": 0},
                                           self.query_params(record, prompt, rid), rid).__anext__())
         except ValueError as exc:
-            raise APIError(400, str(exc)) from exc
+            raise refusal(exc, record) from exc
         return (await self.control_request(protocol.TakeReport(rid=rid)))["ranked_gids"]
 
     async def inject_documents(self, record: MemoryRecord, messages: list[dict],
@@ -500,7 +514,7 @@ class MemoryAPI:
                 prompt.input_ids, chat_sampling_params(body), self.query_params(record, prompt, rid), rid
             ).__anext__())
         except ValueError as exc:
-            raise APIError(400, str(exc)) from exc
+            raise refusal(exc, record) from exc
         meta = out["meta_info"]
         return {
             "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": body.model,
@@ -546,6 +560,6 @@ class MemoryAPI:
                 logprob_start_len=body.logprob_start_len,
             ).__anext__())
         except ValueError as exc:
-            raise APIError(400, str(exc)) from exc
+            raise refusal(exc, record) from exc
         return {**out, "msa": {**await self.retrieved(record, rid, body.msa.routing_details),
                                **with_answer(injection, out["text"])}}

@@ -20,7 +20,14 @@ from sglang_msa.server import schemas
 from sglang_msa.server.auth import authenticate_request, caller_is_admin, caller_tenant
 from sglang_msa.server.body_limit import BodyLimitMiddleware
 from sglang_msa.server.errors import APIError
-from sglang_msa.server.memory_api import MemoryAPI, chat_sampling_params, completed, finish_reason, with_answer
+from sglang_msa.server.memory_api import (
+    MemoryAPI,
+    chat_sampling_params,
+    completed,
+    finish_reason,
+    refusal,
+    with_answer,
+)
 
 async def authenticate(request: Request) -> None:
     """With API keys, the caller's tenant (or the admin) for the rest of this request (401
@@ -175,7 +182,7 @@ async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = Mem
                     text = out["text"]
                 finish = finish_reason(out["meta_info"]) or finish
         except ValueError as exc:
-            yield f"data: {json.dumps(APIError(400, str(exc)).body())}\n\n".encode()
+            yield f"data: {json.dumps(refusal(exc, record).body())}\n\n".encode()
         except APIError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n".encode()
         else:
