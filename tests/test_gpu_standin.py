@@ -100,7 +100,8 @@ def test_norms_equal_sglang_forward_native(standin, dtype, gemma):
 def test_act_and_mul_equal_sglang_forward_native(standin, dtype, kind):
     from sglang.srt.layers.activation import GeluAndMul, SiluAndMul
 
-    layer = {"silu": SiluAndMul, "gelu": lambda: GeluAndMul("none"), "gelu_tanh": lambda: GeluAndMul("tanh")}[kind]()
+    layers = {"silu": SiluAndMul, "gelu": lambda: GeluAndMul("none"), "gelu_tanh": lambda: GeluAndMul("tanh")}
+    layer = layers[kind]()
     function = getattr(standin, f"{kind}_and_mul")
     x = (torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
     expected = layer.forward_native(x)
@@ -132,7 +133,8 @@ def test_top_k_renorm_matches_its_definition(standin):
         pivot = sorted(row, reverse=True)[min(k, len(row)) - 1]
         assert got_row.tolist() == pytest.approx(brute_force_renorm(row, lambda p: p >= pivot), abs=1e-7)
     assert (got[5] > 0).sum() == 2  # k = 1 keeps both tied 0.3s, as FlashInfer does
-    assert torch.equal(standin.top_k_renorm_prob(probs, 3), standin.top_k_renorm_prob(probs, torch.tensor([3])))
+    scalar, tensor = standin.top_k_renorm_prob(probs, 3), standin.top_k_renorm_prob(probs, torch.tensor([3]))
+    assert torch.equal(scalar, tensor)
 
 
 def test_top_p_renorm_matches_its_definition(standin):
@@ -155,13 +157,15 @@ import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from test_gpu_standin import load_standin, renorm_cases
 import sglang.kernels.ops.sampling.renorm_triton as sglang_renorm
-sglang_renorm._prepare_probs = lambda probs: probs.float().contiguous()  # its CUDA check; the interpreter runs on CPU
+sglang_renorm._prepare_probs = lambda probs: probs.float().contiguous()  # no CUDA check: interpreted on CPU
 standin = load_standin()
 probs = renorm_cases()
 ks, ps = torch.tensor([1, 3, 10, 50, 80, 1]), torch.tensor([0.0001, 0.5, 0.9, 1.0, 0.3, 0.5])
 print(json.dumps({
-    "top_k": (standin.top_k_renorm_prob(probs, ks) - sglang_renorm.top_k_renorm_probs_triton(probs, ks)).abs().max().item(),
-    "top_p": (standin.top_p_renorm_prob(probs, ps) - sglang_renorm.top_p_renorm_probs_triton(probs, ps)).abs().max().item(),
+    "top_k": (standin.top_k_renorm_prob(probs, ks) - sglang_renorm.top_k_renorm_probs_triton(probs, ks))
+             .abs().max().item(),
+    "top_p": (standin.top_p_renorm_prob(probs, ps) - sglang_renorm.top_p_renorm_probs_triton(probs, ps))
+             .abs().max().item(),
 }))
 """
 
@@ -185,13 +189,14 @@ def test_every_other_imported_name_raises_naming_itself(standin):
     functions += [getattr(quantization, name) for name in quantization.NAMES]
     assert len(kvcacheio.NAMES) == 13 and len(quantization.NAMES) == 4
     for function in functions:
-        with pytest.raises(NotImplementedError, match=f"GPU stand-in: .*{function.__name__} is not implemented"):
+        expected = f"GPU stand-in: .*{function.__name__} is not implemented"
+        with pytest.raises(NotImplementedError, match=expected):
             function(torch.zeros(1))
 
 
 def test_names_sglang_does_not_import_on_cuda_are_absent(standin):
-    for name in ["rotary_embedding", "apply_rope_with_cos_sin_cache_inplace", "weak_ref_tensor", "merge_state_v2",
-                 "top_k_top_p_sampling_from_probs", "flash_attn"]:
+    for name in ["rotary_embedding", "apply_rope_with_cos_sin_cache_inplace", "weak_ref_tensor",
+                 "merge_state_v2", "top_k_top_p_sampling_from_probs", "flash_attn"]:
         assert not hasattr(standin, name), name
 
 
@@ -225,4 +230,5 @@ def test_each_implemented_function_logs_once_when_it_runs(caplog):
     messages = [record.getMessage() for record in caplog.records if record.name == "sgl_kernel.gpu_standin"]
     del sys.modules[ALIAS + "_logging"]
     assert "not the real sglang-kernel" in messages[0]
-    assert sum("silu_and_mul ran" in m for m in messages) == 1 and sum("rmsnorm ran" in m for m in messages) == 1
+    assert sum("silu_and_mul ran" in m for m in messages) == 1
+    assert sum("rmsnorm ran" in m for m in messages) == 1

@@ -57,8 +57,8 @@ def unavailable(name: str, module: str = "sgl_kernel"):
 
     def raise_unavailable(*args, **kwargs):
         raise NotImplementedError(
-            f"sgl_kernel GPU stand-in: {module}.{name} is not implemented (the stand-in implements the norms, "
-            "act-and-mul and top-k/top-p renorm only); this path needs the real sglang-kernel"
+            f"sgl_kernel GPU stand-in: {module}.{name} is not implemented (the stand-in implements the "
+            "norms, act-and-mul and top-k/top-p renorm only); this path needs the real sglang-kernel"
         )
 
     raise_unavailable.__name__ = raise_unavailable.__qualname__ = name
@@ -99,13 +99,13 @@ def fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch
     _fused_add_norm("fused_add_rmsnorm", input, residual, weight, eps, 0.0)
 
 
-def gemma_rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: Optional[torch.Tensor] = None,
-                  enable_pdl: Optional[bool] = None) -> torch.Tensor:
+def gemma_rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                  out: Optional[torch.Tensor] = None, enable_pdl: Optional[bool] = None) -> torch.Tensor:
     return _norm_into("gemma_rmsnorm", input, weight, eps, out, 1.0)
 
 
-def gemma_fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-                            enable_pdl: Optional[bool] = None) -> None:
+def gemma_fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                            eps: float = 1e-6, enable_pdl: Optional[bool] = None) -> None:
     _fused_add_norm("gemma_fused_add_rmsnorm", input, residual, weight, eps, 1.0)
 
 
@@ -114,7 +114,8 @@ def _act_and_mul(name: str, act, input: torch.Tensor, out: Optional[torch.Tensor
     _note(name)
     d = input.shape[-1] // 2
     if out is not None and (out.shape[:-1] != input.shape[:-1] or out.shape[-1] != d):
-        raise ValueError(f"sgl_kernel GPU stand-in: {name}: out {tuple(out.shape)} for input {tuple(input.shape)}")
+        raise ValueError(f"sgl_kernel GPU stand-in: {name}: out {tuple(out.shape)} for input "
+                         f"{tuple(input.shape)}")
     x = input.float()
     result = (act(x[..., :d]) * x[..., d:]).to(input.dtype)
     if out is None:
