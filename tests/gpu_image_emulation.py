@@ -139,7 +139,7 @@ def main() -> int:
     simulate_h100()
     failures = []
     for module in gpu_carry.SERVER_MODULES + ["msa_checkpoints", "tiny_models", "test_msa_checkpoint_parity",
-                                               "pytest", "pytest_timeout"]:
+                                               "gpu_serve_bench", "pytest", "pytest_timeout"]:
         try:
             importlib.import_module(module)
         except BaseException as error:  # noqa: BLE001 - reported per module
