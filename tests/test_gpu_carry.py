@@ -106,6 +106,7 @@ def emulate(tmp_path, carried_versions_path, *hide: str) -> tuple[int, dict, str
     command = [sys.executable, str(REPO / "tests" / "gpu_image_emulation.py"), str(report_path)]
     result = subprocess.run(command + (["--hide", *hide] if hide else []), capture_output=True, text=True,
                             timeout=600, env=env)
+    assert report_path.is_file(), f"exit {result.returncode} without a report:\n{result.stderr[-3000:]}"
     return result.returncode, json.loads(report_path.read_text()), result.stderr
 
 
