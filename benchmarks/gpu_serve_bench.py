@@ -8,12 +8,15 @@ run on the CPU engine). One memory (`device` placement) is filled with seeded sy
 (benchmarks/serving.py's generator) in steps up to `--memory-tokens`; the server's defaults for a
 training-free model otherwise (`memory_content` full, top-16 documents, upper half routed).
 
-- decode: the same prompt through `/generate` (plain) and `/v1/memories/bench/generate` (memory
-  attached), greedy, `--batch` requests at once; decode tok/s per request = N / (latency of N + 1
-  new tokens - latency of 1), median of `--repeats`; the ratio memory / plain is the kernels
-  issue's target (>= 0.9). Measured after the first step and again at the largest size reached.
-- time to first token: latency of a 1-token answer with the memory attached (and plain, for
-  reference), median of `--repeats`, after each step; ingestion tokens/s per step.
+- decode: the same kind of prompt through `/generate` (plain) and `/v1/memories/bench/generate`
+  (memory attached), greedy, `--new-tokens` tokens, `--batch` requests at once; decode tok/s per
+  request as SGLang measures it (`meta_info.decode_throughput`, with `--enable-metrics`), median
+  over requests and `--repeats`; the ratio memory / plain is the kernels issue's target (>= 0.9).
+  Measured after the first step and again at the largest size reached. Every prompt differs, so
+  no prefix-cache hit favours the plain requests (memory requests never use the prefix cache).
+- time to first token: SGLang's `first_token_latency` of a 1-token answer with the memory
+  attached (and plain, for reference), median of `--repeats`, after each step (the client's
+  latency too); ingestion tokens/s per step.
 - the whole run keeps to `--budget-s`: it stops growing the memory when the next step would not
   fit (the JSON then says which size was reached) instead of being killed mid-way.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import signal
 import statistics
 import sys
@@ -74,7 +78,9 @@ def build_model(shape: str, out_dir: Path, dtype: str) -> Path:
     return out_dir
 
 
-def timed_generate(url: str, memory: str | None, new_tokens: int) -> float:
+def generate(url: str, memory: str | None, new_tokens: int) -> dict:
+    """One greedy request of exactly `new_tokens` tokens; its server-side timings (SGLang's
+    meta_info with --enable-metrics: first_token_latency, decode_throughput) and client latency."""
     path = f"/v1/memories/{memory}/generate" if memory else "/generate"
     started = time.perf_counter()
     response = requests.post(f"{url}{path}", json={
@@ -83,29 +89,30 @@ def timed_generate(url: str, memory: str | None, new_tokens: int) -> float:
     }, timeout=600)
     elapsed = time.perf_counter() - started
     response.raise_for_status()
-    produced = len(response.json()["output_ids"])
-    if produced != new_tokens:
-        raise RuntimeError(f"{path} produced {produced} tokens, asked {new_tokens}")
-    return elapsed
-
-
-def batch_latency(url: str, memory: str | None, new_tokens: int, batch: int) -> float:
-    """Median latency of `batch` identical requests sent at once."""
-    with ThreadPoolExecutor(max_workers=batch) as pool:
-        return statistics.median(pool.map(lambda _: timed_generate(url, memory, new_tokens), range(batch)))
+    body = response.json()
+    if len(body["output_ids"]) != new_tokens:
+        raise RuntimeError(f"{path} produced {len(body['output_ids'])} tokens, asked {new_tokens}")
+    meta = body["meta_info"]
+    wanted = ["first_token_latency"] + (["decode_throughput"] if new_tokens > 1 else [])
+    missing = [key for key in wanted if key not in meta]
+    if missing:
+        raise RuntimeError(f"{path}: meta_info lacks {missing} (the server needs --enable-metrics)")
+    return {"client_s": elapsed, **{key: meta[key] for key in wanted}}
 
 
 def measure_decode(url: str, memory: str, batches: list[int], new_tokens: int, repeats: int) -> list[dict]:
+    """Per-request decode tok/s as SGLang measures it (tokens after the first / time after the
+    first), `batch` requests at once, median over requests and repeats."""
     rows = []
     for batch in batches:
         row = {"batch": batch, "new_tokens": new_tokens}
         for name, target in (("plain", None), ("memory", memory)):
             rates = []
             for _ in range(repeats):
-                first = batch_latency(url, target, 1, batch)
-                full = batch_latency(url, target, new_tokens + 1, batch)
-                rates.append(new_tokens / max(full - first, 1e-9))
-            row[f"{name}_decode_tok_s"] = statistics.median(rates)  # per request
+                with ThreadPoolExecutor(max_workers=batch) as pool:
+                    runs = [pool.submit(generate, url, target, new_tokens) for _ in range(batch)]
+                    rates += [run.result()["decode_throughput"] for run in runs]
+            row[f"{name}_decode_tok_s"] = statistics.median(rates)
         row["memory_over_plain"] = row["memory_decode_tok_s"] / row["plain_decode_tok_s"]
         rows.append(row)
         print(json.dumps({"decode": row}), flush=True)
@@ -113,8 +120,14 @@ def measure_decode(url: str, memory: str, batches: list[int], new_tokens: int, r
 
 
 def measure_ttft(url: str, memory: str, repeats: int) -> dict:
-    return {name: statistics.median(timed_generate(url, target, 1) for _ in range(repeats))
-            for name, target in (("memory_ttft_s", memory), ("plain_ttft_s", None))}
+    """Time to first token (SGLang's first_token_latency: request received to first token) of a
+    1-token answer with the memory attached and plain, medians; and the client's latency."""
+    out = {}
+    for name, target in (("memory", memory), ("plain", None)):
+        runs = [generate(url, target, 1) for _ in range(repeats)]
+        out[f"{name}_ttft_s"] = statistics.median(r["first_token_latency"] for r in runs)
+        out[f"{name}_client_latency_s"] = statistics.median(r["client_s"] for r in runs)
+    return out
 
 
 def run(args, result: dict, save) -> None:
@@ -125,11 +138,18 @@ def run(args, result: dict, save) -> None:
     if device != args.device:
         raise SystemExit(f"asked for --device {args.device}, but this machine offers {device} (no CUDA "
                          "device for this Python); --device cpu is a smoke run on SGLang's CPU engine")
-    work = Path(tempfile.mkdtemp(prefix="gpu-serve-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="gpu-serve-bench-"))  # `gpu_carry.py reap` finds servers by it
+    try:
+        _serve_and_measure(args, result, save, work, device, deadline, started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _serve_and_measure(args, result, save, work: Path, device: str, deadline: float, started: float) -> None:
     model = build_model(args.shape, work / f"model-{args.shape}", args.dtype)
     options = {"max_document_tokens": 4096, "memory_budget_mb": args.memory_budget_mb}
     server_args = ["--max-total-tokens", str(args.max_total_tokens), "--dtype", args.dtype,
-                   "--msa-config", json.dumps(options), "--log-level", "warning"]
+                   "--enable-metrics", "--msa-config", json.dumps(options), "--log-level", "warning"]
     result.update({"device": device, "shape": args.shape, "dtype": args.dtype, "options": options,
                    "machine": platform.platform(), "target_memory_tokens": args.memory_tokens, "steps": []})
     if device == "cuda":
