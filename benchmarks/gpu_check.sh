@@ -45,7 +45,8 @@ echo "== 2. server end to end (--attention-backend msa)"
 if $PY -c "import sglang, sgl_kernel" 2>/dev/null; then
   $PY -m pytest -x -q tests/test_server_e2e.py || status=1
 else
-  echo "NOT RUN: SGLang with its CUDA kernels (sgl_kernel) is not installed for $PY here (run 'make install' first)"
+  echo "NOT RUN: SGLang with its CUDA kernels (sgl_kernel) is not installed for $PY here (run 'make install'" \
+       "first; on a lent machine whose torch cannot load sglang-kernel, run benchmarks/gpu_serve_check.sh)"
   status=2
 fi
 fi
