@@ -8,6 +8,8 @@ import types
 import pytest
 
 from sglang_msa.config import MSAOptions
+from sglang_msa.memory_manager import grants
+from sglang_msa.memory_manager.service import MemoryService
 from sglang_msa.server import schemas
 from sglang_msa.server.errors import APIError
 from sglang_msa.server.memory_api import MemoryAPI
@@ -57,3 +59,14 @@ def test_generate_parameters_are_checked_naming_the_field():
         assert (refused.status, refused.param) == (422, field), refused.message
     assert checked_sampling_params({"max_new_tokens": 3, "temperature": 0}, VOCAB) == {"max_new_tokens": 3,
                                                                                       "temperature": 0}
+
+
+def test_only_a_whole_memory_api_rid_aborts_in_the_reserved_namespace():
+    """SGLang aborts every request whose rid starts with the abort's: in the memory API's
+    namespace only a whole rid may abort (it matches its own request and no other)."""
+    rids = [grants.new_rid(kind) for kind in ("ingest", "chat", "route", "round", "generate")]
+    assert all(grants.is_reserved_rid(rid) and MemoryService.may_abort(rid, False) for rid in rids)
+    assert not any(a != b and b.startswith(a) for a in rids for b in rids)
+    for prefix in ("m", "msa", "msa-", "msa-chat-", rids[1][:-1], "msa-chat-" + "g" * 32):
+        assert grants.is_reserved_rid(prefix) and not MemoryService.may_abort(prefix, False), prefix
+    assert MemoryService.may_abort("a", False) and MemoryService.may_abort("", True)  # SGLang's own rids, all

@@ -15,15 +15,28 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
+import uuid
 
 GRANT_SECRET_ENV = "SGLANG_MSA_GRANT_SECRET"
 RESERVED_RID_PREFIX = "msa-"  # request ids of the memory API: "msa-<kind>-<uuid hex>"
+MEMORY_API_RID = re.compile(r"msa-[a-z]+-[0-9a-f]{32}")  # all of one length per kind: none prefixes another
+
+
+def new_rid(kind: str) -> str:
+    """A fresh, unguessable request id of the memory API."""
+    return f"{RESERVED_RID_PREFIX}{kind}-{uuid.uuid4().hex}"
 
 
 def is_reserved_rid(rid: str) -> bool:
     """Whether `rid` is, or could prefix-match (SGLang aborts by rid prefix), a memory API rid."""
     return rid.startswith(RESERVED_RID_PREFIX) or RESERVED_RID_PREFIX.startswith(rid)
+
+
+def names_one_request(rid: str) -> bool:
+    """Whether an abort by `rid` can only match the memory API request of exactly that rid."""
+    return MEMORY_API_RID.fullmatch(rid) is not None
 
 
 def ensure_secret() -> None:

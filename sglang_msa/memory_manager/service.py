@@ -346,11 +346,12 @@ class MemoryService:
         summed["routed_documents_per_rank"] = [r["routed_documents"] for r in ranks]
         return summed
 
-    def may_abort(self, rid: str, abort_all: bool) -> bool:
+    @staticmethod
+    def may_abort(rid: str, abort_all: bool) -> bool:
         """Whether SGLang may run this abort: it matches requests by rid prefix, so an abort
-        whose rid is, or prefixes, the memory API's reserved rids runs only when it names a
-        memory request exactly (its client went away); no memory API rid prefixes another."""
-        return abort_all or not grants.is_reserved_rid(rid) or self.registry.get(rid) is not None
+        whose rid is, or prefixes, the memory API's reserved rids runs only when it is a whole
+        memory API rid, which matches that one request (its client went away) and no other."""
+        return abort_all or not grants.is_reserved_rid(rid) or grants.names_one_request(rid)
 
     def release_aborted(self, rid: str, abort_all: bool) -> None:
         """SGLang aborted the requests whose rid starts with `rid` (their client went away, or an

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from pathlib import Path
 
 from sglang_msa.config import MSAOptions
@@ -339,7 +338,7 @@ class MemoryAPI:
     async def ingest(self, record: MemoryRecord, gid: int, token_ids: list[int]) -> dict:
         """One document through SGLang; the scheduler's report ({"stored": ..., "error": ...}),
         with the HTTP status of a failure."""
-        rid = f"msa-ingest-{uuid.uuid4().hex}"
+        rid = grants.new_rid("ingest")
         msa = {"op": "ingest", "gid": gid, **self.memory_params(record, rid)}
         try:
             completed(await self.generate(token_ids, {"max_new_tokens": 1, "temperature": 0}, msa, rid).__anext__())
@@ -444,7 +443,7 @@ class MemoryAPI:
         question = messages[last_user_turn(messages)]["content"]
 
         async def generate_round(prompt: MemoryPrompt) -> RoundOutput:
-            rid = f"msa-round-{uuid.uuid4().hex}"
+            rid = grants.new_rid("round")
             try:
                 out = completed(await self.generate(prompt.input_ids, ROUND_SAMPLING_PARAMS,
                                                     self.query_params(record, prompt, rid), rid).__anext__())
@@ -463,7 +462,7 @@ class MemoryAPI:
 
     async def route_only(self, record: MemoryRecord, prompt: MemoryPrompt) -> list[int]:
         """Prefill the prompt over the memory and return the documents its routing ranked."""
-        rid = f"msa-route-{uuid.uuid4().hex}"
+        rid = grants.new_rid("route")
         try:
             completed(await self.generate(prompt.input_ids, {"max_new_tokens": 1, "temperature": 0},
                                           self.query_params(record, prompt, rid), rid).__anext__())
@@ -508,7 +507,7 @@ class MemoryAPI:
         """A non-streaming OpenAI chat completion over the memory."""
         record = self.require_memory(memory_id)
         prompt, injection = await self.chat_prompt(record, body)
-        rid = f"msa-chat-{uuid.uuid4().hex}"
+        rid = grants.new_rid("chat")
         try:
             out = completed(await self.generate(
                 prompt.input_ids, chat_sampling_params(body), self.query_params(record, prompt, rid), rid
@@ -552,7 +551,7 @@ class MemoryAPI:
             if isinstance(spans, str):
                 raise APIError(422, spans, "msa.routing_spans")
             prompt = MemoryPrompt(body.input_ids, tuple(spans), params.template_tokens)
-        rid = f"msa-generate-{uuid.uuid4().hex}"
+        rid = grants.new_rid("generate")
         try:
             out = completed(await self.generate(
                 prompt.input_ids, sampling_params, self.query_params(record, prompt, rid), rid,

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sglang_msa.config import load_options
+from sglang_msa.memory_manager import grants
 from sglang_msa.server import schemas
 from sglang_msa.server.auth import authenticate_request, caller_is_admin, caller_tenant
 from sglang_msa.server.body_limit import BodyLimitMiddleware
@@ -161,7 +161,7 @@ async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = Mem
         return await api.chat(memory_id, body, created)
     record = api.require_memory(memory_id)
     prompt, injection = await api.chat_prompt(record, body)
-    rid = f"msa-chat-{uuid.uuid4().hex}"
+    rid = grants.new_rid("chat")
     outputs = api.generate(
         prompt.input_ids, chat_sampling_params(body), api.query_params(record, prompt, rid), rid, stream=True
     )
