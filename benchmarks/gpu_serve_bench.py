@@ -58,24 +58,15 @@ _tickets = iter(range(1000, 10**9))  # every request's prompt differs: no prefix
 
 def build_model(shape: str, out_dir: Path, dtype: str) -> Path:
     """A random-weight Llama of `shape` with tests/tiny_models.py's tokenizer (built, not downloaded)."""
-    import torch
     import transformers
-    from tiny_models import build_tokenizer
+    from tiny_models import build_tokenizer, save_random_model
 
     tokenizer = build_tokenizer()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192,
                                       rms_norm_eps=1e-5, eos_token_id=eos, bos_token_id=eos, pad_token_id=0,
                                       dtype=dtype, **SHAPES[shape])
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.05)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return save_random_model(config, tokenizer, out_dir, seed=0, weight_std=0.05, dtype=dtype)
 
 
 def generate(url: str, memory: str | None, new_tokens: int) -> dict:

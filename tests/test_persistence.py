@@ -89,8 +89,8 @@ def test_store_writes_before_publishing_and_restores_the_same_views(tmp_path):
     assert restored.used_bytes() == store.used_bytes()
 
 
-def test_a_failed_write_publishes_nothing(tmp_path, monkeypatch):
-    gen = torch.Generator().manual_seed(2)
+def store_on_a_full_disk(tmp_path, monkeypatch) -> MemoryStore:
+    """A store with memory "a", whose document files can no longer be written."""
     store = MemoryStore(1 << 30, 4, DocumentArchive(tmp_path, FINGERPRINT))
     store.create("a")
 
@@ -98,6 +98,12 @@ def test_a_failed_write_publishes_nothing(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(persistence, "save_file", disk_full)
+    return store
+
+
+def test_a_failed_write_publishes_nothing(tmp_path, monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    store = store_on_a_full_disk(tmp_path, monkeypatch)
     with pytest.raises(OSError):
         store.commit_document("a", random_document(0, 9, torch.float32, False, True, gen))
     assert store.contents() == {"a": []} and store.used_bytes() == 0
@@ -109,13 +115,7 @@ def test_a_full_disk_refuses_the_ingestion_instead_of_failing_the_forward_pass(t
     from sglang_msa.memory_manager.requests import IngestParams, IngestState
 
     gen = torch.Generator().manual_seed(2)
-    store = MemoryStore(1 << 30, 4, DocumentArchive(tmp_path, FINGERPRINT))
-    store.create("a")
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(persistence, "save_file", disk_full)
+    store = store_on_a_full_disk(tmp_path, monkeypatch)
     doc = random_document(0, 9, torch.float32, False, True, gen)
     state = IngestState(IngestParams(op="ingest", memory_key="a", gid=0, grant="-"), num_tokens=9,
                         pooled=dict(doc.layers))

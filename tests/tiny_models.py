@@ -90,18 +90,24 @@ def build_config(arch: str, vocab_size: int, eos_token_id: int, num_layers: int 
 def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, num_layers: int = 2,
                      extra_special_tokens: tuple[str, ...] = (), qwen_newlines: bool = False) -> Path:
     """Write a tiny random `arch` checkpoint (config, safetensors, tokenizer) to out_dir."""
+    tokenizer = build_tokenizer(extra_special_tokens=extra_special_tokens, qwen_newlines=qwen_newlines)
+    config = build_config(arch, len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"), num_layers)
+    # larger than the default init so that greedy decoding is not degenerate
+    return save_random_model(config, tokenizer, out_dir, seed=seed, weight_std=0.08, dtype="float32")
+
+
+def save_random_model(config, tokenizer, out_dir: Path, seed: int, weight_std: float, dtype: str) -> Path:
+    """Write a model of `config` with normal(0, weight_std) matrices, and the tokenizer, to out_dir."""
     import torch
     import transformers
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(extra_special_tokens=extra_special_tokens, qwen_newlines=qwen_newlines)
-    config = build_config(arch, len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"), num_layers)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # larger than the default init so that greedy decoding is not degenerate
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 2:
-                param.normal_(0.0, 0.08)
+                param.normal_(0.0, weight_std)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -161,6 +161,10 @@ class Memory:
     def max_document_tokens(self) -> int:
         return max((doc.num_tokens for doc in self.documents.values()), default=0)
 
+    def gid_taken(self, gid: int) -> bool:
+        """Whether `gid` was ever stored here (published, staged, removed or discarded)."""
+        return gid in self.documents or gid in self.staged or gid in self.retired
+
 
 class ArchivedMemory(NamedTuple):
     """A memory as the backing stores it."""
@@ -287,7 +291,7 @@ class MemoryStore:
         backing), invisible to routing until `publish`."""
         with self._lock:
             memory = self._require(memory_key)
-            if doc.gid in memory.documents or doc.gid in memory.staged or doc.gid in memory.retired:
+            if memory.gid_taken(doc.gid):
                 raise MemoryOperationError(f"document {doc.gid} of this memory was stored, removed or discarded "
                                            "already", 409)
             placed = self._place_everywhere(memory, doc)
@@ -425,7 +429,7 @@ class MemoryStore:
         """Whether document `gid` may still be staged in the memory (never stored, removed or discarded)."""
         with self._lock:
             memory = self._memories.get(memory_key)
-            return memory is not None and not ({gid} & (memory.documents.keys() | memory.staged.keys() | memory.retired))
+            return memory is not None and not memory.gid_taken(gid)
 
     def max_document_tokens(self, memory_key: str) -> int:
         with self._lock:

@@ -236,7 +236,8 @@ class MemoryAPI:
         per_memory = reply["memories"]
         server_wide = not self.keys_enabled or caller_is_admin.get()
         if not server_wide:
-            own = {key for key, record in self.metadata.memories().items() if record.owner == self.namespace()}
+            tenant = self.namespace()
+            own = {key for key, record in self.metadata.memories().items() if record.owner == tenant}
             per_memory = {memory_key: stats for memory_key, stats in per_memory.items() if memory_key in own}
         totals = {key: sum(stats[key] for stats in per_memory.values())
                   for key in ("documents", "tokens", "chunks", "bytes", "device_bytes", "host_bytes")}
