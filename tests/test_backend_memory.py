@@ -176,12 +176,14 @@ def test_ingest_route_attend_match_reference(parts, memory_content, similarity, 
     out, positions = harness.extend(rid, row, slots[:prompt_len], q, k[:prompt_len], v[:prompt_len])
     assert positions.tolist() == [0, 1, 40, 41, 42, 43, 44]  # template keeps 0..T-1, local starts at the offset
 
-    # the reference selection over pooled router keys (= pooled K in training-free mode)
+    # the reference selection over pooled router keys (training-free mode: pooled K, each
+    # document's first chunk pooled without its sink token)
     pooled_k = [ref.pool_chunks(x, [x.shape[0]], 4) for x in doc_k]
+    router_k = [ref.exclude_sink_from_first_chunk(pooled.clone(), x, 4) for pooled, x in zip(pooled_k, doc_k)]
     layout = ref.chunk_layout(DOC_LENS, 4)
     q3 = q.view(prompt_len, H, D)
     routing_q = torch.cat([q3[start:end] for start, end in spans])
-    scores = ref.document_scores(ref.chunk_scores(routing_q, torch.cat(pooled_k), similarity), layout)
+    scores = ref.document_scores(ref.chunk_scores(routing_q, torch.cat(router_k), similarity), layout)
     expected_gids = ref.select_top_k(scores, 2).tolist()
     report = harness.service.registry.get(rid).report()
     assert report["layers"]["0"]["doc_gids"] == expected_gids
@@ -359,7 +361,7 @@ def test_fp8_router_keys_route_on_their_dequantized_values(parts, kernels):
                                                             num_tokens=n))
         harness.extend_batch([(f"i{gid}", torch.randn(n, H * D, generator=gen), k, torch.randn(n, HKV, D, generator=gen))])
         store.publish("m", [gid])
-        quantized, scales = quantize_fp8(ref.pool_chunks(k, [n], 4))
+        quantized, scales = quantize_fp8(ref.exclude_sink_from_first_chunk(ref.pool_chunks(k, [n], 4), k, 4))
         dequantized.append(quantized.float() * scales.unsqueeze(-1))
     stored = store.document_tensors("m", 0).layers[0]
     assert stored.router_k.dtype == torch.float8_e4m3fn and stored.router_k_scale.shape == (3, HKV)

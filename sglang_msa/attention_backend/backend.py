@@ -44,6 +44,12 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                                                                                    shard=self.shard)
         self.service = start_service(_model_facts(model_runner, self.token_to_kv_pool), model_runner.server_args.port,
                                      shard=self.shard)
+        self.adapter = self.service.adapter
+        if self.adapter is not None:
+            self.adapter = self.adapter.to(model_runner.device, torch.float32)
+            self.route = memory_ops.route if self.shard is None else functools.partial(
+                memory_ops.route_sharded, shard=self.shard, queries_whole=True)
+        self.router_inputs = RouterInputs(model_runner.model, self.service.routed_layers) if self.adapter else None
         self.routed_layers = frozenset(self.service.routed_layers)
         self.last_routed_layer = max(self.service.routed_layers)
         self.plan: BatchPlan | None = None
@@ -61,15 +67,32 @@ class MSAAttnBackend(TorchNativeAttnBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, router_q=None, router_k=None,
                        **kwargs):
+        router_q, router_k = self._adapter_routers(layer, router_q, router_k)
         self._route_queries(q.reshape(q.shape[0], -1), layer, router_q)
         out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         return self._apply_memory(out, q, layer, router_k)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, router_q=None, router_k=None,
                        **kwargs):
+        router_q, router_k = self._adapter_routers(layer, router_q, router_k)
         self._route_queries(q.reshape(q.shape[0], -1), layer, router_q)
         out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         return self._apply_memory(out, q.reshape(out.shape[0], -1), layer, router_k)
+
+    def _adapter_routers(self, layer, router_q, router_k):
+        """With a router adapter: the router queries and keys of this pass's tokens in a routed
+        layer, projected from the layer's attention input ([tokens, H·d] each, like an MSA
+        checkpoint's); otherwise what the model passed."""
+        if self.router_inputs is None or layer.layer_id not in self.routed_layers:
+            return router_q, router_k
+        hidden = self.router_inputs.take(layer.layer_id)
+        if self.plan is None:
+            return router_q, router_k
+        hidden = hidden.float()
+        dtype = self.token_to_kv_pool.dtype
+        flat = (hidden.shape[0], -1)
+        return (self.adapter.project(layer.layer_id, hidden, "q").reshape(flat),
+                self.adapter.project(layer.layer_id, hidden, "k").reshape(flat).to(dtype))
 
     def _route_queries(self, q, layer, router_q=None):
         """Route the memory queries that have not routed in this layer yet (their prefill), before
@@ -92,14 +115,19 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                 state.selections[layer.layer_id] = memory_ops.empty_selection(key_buffer)
                 continue
             rows = slice(request.token_start, request.token_start + request.num_new)
-            queries = (q if router_q is None else router_q)[rows].view(request.num_new, layer.tp_q_head_num, -1)
+            heads = self.adapter.query_heads if self.adapter is not None else layer.tp_q_head_num
+            queries = (q if router_q is None else router_q)[rows].view(request.num_new, heads, -1)
             routing_queries = torch.cat(
                 [queries[start - request.prefix_len : end - request.prefix_len] for start, end in spans]
             )
-            state.selections[layer.layer_id] = self.route(
+            selection = self.route(
                 self.service.store, state.params.memory_key, layer.layer_id, routing_queries, self.service.options,
                 key_buffer, self.kernels,
             )
+            if selection.doc_scores is not None:
+                state.record_scores(layer.layer_id, selection.doc_scores)
+                selection.doc_scores = None
+            state.selections[layer.layer_id] = selection
 
     def _apply_memory(self, out, q, layer, router_k=None):
         """Pool the documents whose prefill completes in this pass and recompute the memory
@@ -118,7 +146,8 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                 if request.prefix_len == 0:  # a (re)started prefill
                     state.router_keys[layer.layer_id] = []
                 rows = router_k[request.token_start : request.token_start + request.num_new]
-                state.router_keys[layer.layer_id].append(rows.view(request.num_new, layer.tp_k_head_num, -1))
+                heads = self.adapter.key_heads if self.adapter is not None else layer.tp_k_head_num
+                state.router_keys[layer.layer_id].append(rows.view(request.num_new, heads, -1))
             if request.seq_len != state.num_tokens:
                 continue  # a chunked prefill that has not reached the document's end yet
             slots = req_to_token[request.row, : request.seq_len].long()
@@ -126,7 +155,8 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                 key_buffer[slots], value_buffer[slots], options.chunk_size,
                 keep_full=options.memory_content == "full",
                 router_keys=torch.cat(state.router_keys.pop(layer.layer_id)) if router_k is not None else None,
-                kernels=self.kernels, router_key_format=options.router_key_format, shard=self.shard,
+                kernels=self.kernels, router_key_format=options.router_key_format,
+                shard=self.shard if self.adapter is None else None, exclude_sink=self.service.exclude_sink,
             )
             if layer.layer_id == self.last_routed_layer:
                 memory_ops.stage_ingestion(self.service.store, state)
@@ -150,6 +180,38 @@ class MSAAttnBackend(TorchNativeAttnBackend):
         return out
 
 
+class RouterInputs:
+    """The attention input of each routed layer in the current forward pass, captured by a
+    forward pre-hook on the model's attention modules (those holding the layer's RadixAttention as
+    `attn`, called as `forward(positions, hidden_states, forward_batch)`, as in SGLang's Llama,
+    Qwen2 and Qwen3): what a router adapter projects."""
+
+    def __init__(self, model, routed_layers):
+        from sglang.srt.layers.radix_attention import RadixAttention
+
+        self._inputs: dict[int, torch.Tensor] = {}
+        hooked = set()
+        for module in model.modules():
+            attn = getattr(module, "attn", None)
+            if isinstance(attn, RadixAttention) and attn.layer_id in routed_layers:
+                module.register_forward_pre_hook(functools.partial(self._capture, attn.layer_id), with_kwargs=True)
+                hooked.add(attn.layer_id)
+        missing = sorted(set(routed_layers) - hooked)
+        if missing:
+            raise RuntimeError(f"sglang-msa: router_adapter: no attention module with layer_id {missing} found in "
+                               f"{type(model).__name__} (adapters serve Llama, Qwen2 and Qwen3-style models)")
+
+    def _capture(self, layer_id, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[1] if len(args) > 1 else None)
+        if hidden is None:
+            raise RuntimeError(f"sglang-msa: router_adapter: layer {layer_id}'s attention was called without "
+                               "hidden_states")
+        self._inputs[layer_id] = hidden
+
+    def take(self, layer_id: int) -> torch.Tensor:
+        return self._inputs.pop(layer_id)
+
+
 def _model_facts(model_runner, kv_pool) -> ModelFacts:
     config = model_runner.model_config.hf_config
     chunked = model_runner.server_args.chunked_prefill_size
@@ -158,6 +220,7 @@ def _model_facts(model_runner, kv_pool) -> ModelFacts:
         num_layers=num_layers,
         msa_config=getattr(config, "msa_config", None) if getattr(config, "model_type", None) == "msa" else None,
         max_prefill_tokens=chunked if chunked and chunked > 0 else None,
+        hidden_size=getattr(config, "hidden_size", None),
         model_identity={"model": model_runner.server_args.model_path, "num_layers": num_layers,
                         "dtype": str(model_runner.model_config.dtype)},
         kv_geometry=KVGeometry(kv_heads=kv_pool.head_num, head_dim=kv_pool.head_dim, v_head_dim=kv_pool.v_head_dim,

@@ -8,7 +8,7 @@ import torch
 
 from sglang_msa.config import MSAOptions
 from sglang_msa.kernels import pooling, reference as ref, routing_scan, routing_torch
-from sglang_msa.memory_manager.requests import IngestState, LayerSelection, SlotRows
+from sglang_msa.memory_manager.requests import DocScores, IngestState, LayerSelection, SlotRows
 from sglang_msa.memory_manager.sharding import MemoryShard
 from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, MemoryStore, RoutingView, StoredDocument
 
@@ -18,18 +18,21 @@ logger = logging.getLogger(__name__)
 def pool_document(
     keys: torch.Tensor, values: torch.Tensor, chunk_size: int, keep_full: bool,
     router_keys: torch.Tensor | None = None, kernels: str = "torch", router_key_format: str = "model",
-    shard: MemoryShard | None = None,
+    shard: MemoryShard | None = None, exclude_sink: bool = False,
 ) -> LayerTensors:
-    """One document's routed-layer tensors from its token K (after RoPE), V and, for MSA
-    checkpoints, router keys, all [n, Hkv, d].
+    """One document's routed-layer tensors from its token K (after RoPE), V and router keys
+    (MSA checkpoints, router adapters), K and V [n, Hkv, d], router keys [n, Hr, dr].
 
-    Training-free routing (no router keys) uses the pooled keys themselves as router keys;
-    `router_key_format="fp8"` stores router keys as float8 with one scale per (chunk, KV head). In
+    Training-free routing (no router keys) uses the pooled keys as router keys: the same tensor,
+    unless `exclude_sink` leaves the document's first token out of its router-key pooling.
+    `router_key_format="fp8"` stores router keys as float8 with one scale per (chunk, head). In
     full-resolution mode `keys` and `values` are kept as they are: pass tensors of this document
     alone (the rows gathered from the KV pool are such copies).
 
     Under tensor parallelism (`shard`) the inputs hold this rank's KV heads: the pooled router
     keys are all-gathered along heads (a collective: every rank pools the same document here).
+    Router keys a router adapter computed from the whole hidden state are already whole: pass no
+    `shard` for them.
     """
     n = keys.shape[0]
     if kernels == "triton":
@@ -38,6 +41,10 @@ def pool_document(
         pooled_k = ref.pool_chunks(keys, [n], chunk_size)
         pooled_v = ref.pool_chunks(values, [n], chunk_size)
         pooled_router_k = None if router_keys is None else ref.pool_chunks(router_keys, [n], chunk_size)
+    if exclude_sink:
+        source = keys if router_keys is None else router_keys
+        pooled_router_k = pooled_k.clone() if pooled_router_k is None else pooled_router_k
+        ref.exclude_sink_from_first_chunk(pooled_router_k, source, chunk_size)
     if pooled_router_k is None:
         pooled_router_k = pooled_k
     if shard is not None:
@@ -89,21 +96,26 @@ def route(
         view = store.routing_view(memory_key, layer_id)
     except MemoryOperationError:  # the memory was deleted after the request was admitted
         return empty_selection(like)
-    gids, scores = top_documents(view, router_q, options, kernels)
-    return read_selection(store, memory_key, layer_id, gids, scores, options, like, kernels)
+    gids, scores, every_score = top_documents(view, router_q, options, kernels)
+    selection = read_selection(store, memory_key, layer_id, gids, scores, options, like, kernels)
+    if every_score is not None:
+        selection.doc_scores = DocScores(list(view.gids), every_score)
+    return selection
 
 
 def route_sharded(
     store: MemoryStore, memory_key: str, layer_id: int, router_q: torch.Tensor, options: MSAOptions,
-    like: torch.Tensor, kernels: str, shard: MemoryShard,
+    like: torch.Tensor, kernels: str, shard: MemoryShard, queries_whole: bool = False,
 ) -> LayerSelection:
-    """`route` under tensor parallelism: `router_q` holds this rank's query heads; the queries are
-    gathered along heads, this rank's shard of router keys is scored, and the ranks agree on the
-    global top-k (`sharding.MemoryShard`). Every rank calls it for the same request and layer."""
-    router_q = shard.gather_heads(router_q)
+    """`route` under tensor parallelism: `router_q` holds this rank's query heads (or, with
+    `queries_whole`, every head: a router adapter's); the queries are gathered along heads, this
+    rank's shard of router keys is scored, and the ranks agree on the global top-k
+    (`sharding.MemoryShard`). Every rank calls it for the same request and layer."""
+    if not queries_whole:
+        router_q = shard.gather_heads(router_q)
     try:
         view = store.routing_view(memory_key, layer_id)
-        gids, scores = top_documents(view, router_q, options, kernels)
+        gids, scores, _ = top_documents(view, router_q, options, kernels)
     except MemoryOperationError:  # deleted after admission: on every rank alike (same control step)
         gids, scores = [], []
     gids, scores = shard.global_top_k(gids, scores, options.top_k_docs)
@@ -111,10 +123,11 @@ def route_sharded(
 
 
 def top_documents(view: RoutingView, router_q: torch.Tensor, options: MSAOptions,
-                  kernels: str) -> tuple[list[int], list[float]]:
-    """The view's best `top_k_docs` documents for `router_q` [T, H, d], best first, with their scores."""
+                  kernels: str) -> tuple[list[int], list[float], torch.Tensor | None]:
+    """The view's best `top_k_docs` documents for `router_q` [T, H, d], best first, with their
+    scores; and every document's score (float32, CPU, in the view's order)."""
     if not view.gids:
-        return [], []
+        return [], [], None
     similarity = "dot" if options.similarity == "auto" else options.similarity
     reductions = (similarity, options.head_reduce, options.query_reduce, options.chunk_reduce)
     if kernels == "triton":
@@ -123,11 +136,11 @@ def top_documents(view: RoutingView, router_q: torch.Tensor, options: MSAOptions
         plan = routing_scan.RoutingPlan.build([request], router_q.device, *reductions)
         doc_scores = routing_scan.scan_layer(plan, [router_q], view.key_table())
         chosen, scores = routing_scan.best_documents(doc_scores, options.top_k_docs)
-        return [view.gids[i] for i in chosen], scores
+        return [view.gids[i] for i in chosen], scores, doc_scores.float().cpu()
     per_chunk = routing_torch.chunk_scores(router_q, view.layout.num_chunks, view.read_keys, *reductions[:3])
     doc_scores = ref.document_scores(per_chunk, view.layout, options.chunk_reduce)
     chosen = ref.select_top_k(doc_scores, options.top_k_docs).tolist()
-    return [view.gids[i] for i in chosen], [float(doc_scores[i]) for i in chosen]
+    return [view.gids[i] for i in chosen], [float(doc_scores[i]) for i in chosen], doc_scores.float().cpu()
 
 
 def read_selection(

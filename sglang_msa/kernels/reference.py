@@ -114,6 +114,16 @@ def pool_chunks(x: torch.Tensor, doc_lens: Sequence[int], chunk_size: int) -> to
     return torch.stack(pooled).to(x.dtype)
 
 
+def exclude_sink_from_first_chunk(pooled: torch.Tensor, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """One document's pooled router keys `pooled` [C, ...] with its first chunk re-pooled without
+    the document's first token (the attention sink every document shares), from its per-token
+    `x` [n, ...]. A one-token document keeps its only token. Returns `pooled`, changed in place."""
+    n = x.shape[0]
+    if n > 1:
+        pooled[0] = x[1 : min(n, chunk_size)].to(accumulation_dtype(x)).mean(dim=0).to(pooled.dtype)
+    return pooled
+
+
 # --------------------------------------------------------------------------------------------
 # Routing
 # --------------------------------------------------------------------------------------------

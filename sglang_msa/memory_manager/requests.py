@@ -40,6 +40,10 @@ class QueryParams(BaseModel):
     )
     template_tokens: int = Field(0, ge=0, description="leading prompt tokens that precede the memory")
     grant: str | None = Field(None, description="the memory API's grant for memory_key (grants.py)")
+    explain_gids: list[int] = Field(
+        default_factory=list, max_length=16,
+        description="documents of this memory whose rank and score every routed layer reports",
+    )
 
     @model_validator(mode="after")
     def _one_memory(self):
@@ -105,6 +109,9 @@ class LayerSelection:
     in_place: SlotRows | None = None
     pinned: list = field(default_factory=list)  # store documents kept from slot reuse while this is read in place
     ready: "torch.cuda.Event | None" = None  # recorded on the side stream after memory_k / memory_v are written
+    # every document's score in this layer (the routed view's gids, float32 on the CPU), taken by
+    # `QueryState.record_scores` right after routing; None under Memory Parallel (scores are per shard)
+    doc_scores: "DocScores | None" = None
 
     @property
     def num_rows(self) -> int:
@@ -130,6 +137,22 @@ class LayerSelection:
         return self.in_place.key_buffer[slots], self.in_place.value_buffer[slots]
 
 
+@dataclass(frozen=True)
+class DocScores:
+    gids: list[int]
+    scores: torch.Tensor  # [len(gids)] float32, CPU
+
+
+RANKED_DOCUMENTS = 64  # documents a report ranks by their standardized scores summed over layers
+
+
+def standardized(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as z-scores over the memory's documents (centred only when they do not vary)."""
+    centred = scores - scores.mean()
+    spread = scores.std() if scores.numel() > 1 else scores.new_zeros(())
+    return centred / spread if float(spread) > 0 else centred
+
+
 @dataclass
 class QueryState:
     params: QueryParams
@@ -138,15 +161,53 @@ class QueryState:
     routing_spans: list[tuple[int, int]]
     selections: dict[int, LayerSelection] = field(default_factory=dict)
     last_access: float = field(default_factory=time.monotonic)
+    # the sum over routed layers of every document's standardized score (gids in zsum_gids order)
+    zsum_gids: list[int] | None = None
+    zsum: torch.Tensor | None = None
+    explained: dict[int, dict[str, dict]] = field(default_factory=dict)  # gid -> layer -> rank, score, of
+
+    def record_scores(self, layer_id: int, doc_scores: DocScores) -> None:
+        """Fold one layer's scores of every document into the z-sum ranking and the explained ranks."""
+        z = standardized(doc_scores.scores)
+        if self.zsum is None:
+            self.zsum_gids, self.zsum = list(doc_scores.gids), z.clone()
+        elif doc_scores.gids == self.zsum_gids:
+            self.zsum += z
+        else:  # the memory changed between layers: add where the documents match
+            index = {gid: i for i, gid in enumerate(self.zsum_gids)}
+            for gid, value in zip(doc_scores.gids, z.tolist()):
+                if gid in index:
+                    self.zsum[index[gid]] += value
+        if self.params.explain_gids:
+            position = {gid: i for i, gid in enumerate(doc_scores.gids)}
+            for gid in self.params.explain_gids:
+                if gid in position:
+                    score = doc_scores.scores[position[gid]]
+                    self.explained.setdefault(gid, {})[str(layer_id)] = {
+                        "rank": 1 + int((doc_scores.scores > score).sum()), "score": round(float(score), 6),
+                        "num_documents": len(doc_scores.gids)}
+
+    def ranked_gids(self) -> list[int]:
+        """Documents for injection, best first: by standardized scores summed over the routed
+        layers where every document was scored (the layers' selections alone keep a document's
+        evidence from the layers that did not select it); else the union of the selections."""
+        if self.zsum is None:
+            return ranked_union(self.selections)
+        best = torch.argsort(self.zsum, descending=True, stable=True)[:RANKED_DOCUMENTS]
+        return [self.zsum_gids[i] for i in best.tolist()]
 
     def report(self) -> dict:
-        """Per routed layer: the selected document ids and scores, best first."""
+        """Per routed layer: the selected document ids and scores, best first; the documents
+        any layer selected (`retrieved_gids`, what attention read); the documents ranked for
+        injection; the explained documents' ranks."""
         return {
             "layers": {
                 str(layer): {"doc_gids": sel.gids, "scores": [round(s, 6) for s in sel.scores]}
                 for layer, sel in sorted(self.selections.items())
             },
-            "ranked_gids": ranked_union(self.selections),
+            "retrieved_gids": ranked_union(self.selections),
+            "ranked_gids": self.ranked_gids(),
+            "explain": self.explained,
         }
 
 

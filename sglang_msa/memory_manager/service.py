@@ -41,6 +41,7 @@ from sglang_msa.memory_manager.requests import (
 from sglang_msa.memory_manager.store import MemoryOperationError, MemoryStore
 from sglang_msa.memory_manager.tiers import SlotLayout
 from sglang_msa.models.msa_config import options_for_checkpoint
+from sglang_msa.models.router_adapter import AdapterError, RouterAdapter, load_adapter, options_with_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class ModelFacts:
     max_prefill_tokens: int | None  # a query's prompt must fit one prefill pass
     model_identity: dict = field(default_factory=dict)  # what persisted memories must match (model, dtype)
     kv_geometry: KVGeometry | None = None  # the KV pool's per-token rows: memory slots are reserved at start-up
+    hidden_size: int | None = None  # the attention input's width (what a router adapter projects)
 
     @property
     def is_msa_checkpoint(self) -> bool:
@@ -109,7 +111,15 @@ def _bypass_prefix_cache(req) -> None:
 class MemoryService:
     def __init__(self, options: MSAOptions, facts: ModelFacts, shard: MemoryShard | None = None):
         if facts.is_msa_checkpoint:
+            if options.router_adapter is not None:
+                raise AdapterError("router_adapter: this is an MSA checkpoint, which routes with its own router "
+                                   "projections; a router adapter is for models without them")
             options = options_for_checkpoint(options, facts.msa_config, facts.num_layers)
+        self.adapter: RouterAdapter | None = None
+        if options.router_adapter is not None:
+            self.adapter = load_adapter(options.router_adapter)
+            self.adapter.check_model(facts.hidden_size, facts.num_layers)
+            options = options_with_adapter(options, self.adapter, facts.num_layers)
         self.options = options
         self.facts = facts
         self.shard = shard
@@ -139,11 +149,29 @@ class MemoryService:
             head_dim=kv.head_dim, v_head_dim=kv.v_head_dim, dtype=kv.dtype,
             router_dtype=torch.float8_e4m3fn if fp8 else kv.dtype,
             # sharded, a router key has every rank's heads and the content this rank's: K̄ is kept twice
-            router_is_pooled_k=not fp8 and not self.facts.is_msa_checkpoint and shards == 1,
+            router_is_pooled_k=not fp8 and self.routes_on_pooled_keys and shards == 1,
             full=self.options.memory_content == "full", device=kv.device,
-            router_heads=kv.kv_heads * shards, key_shards=shards,
+            router_heads=self.adapter.key_heads if self.adapter else kv.kv_heads * shards, key_shards=shards,
+            router_dim=self.adapter.head_dim if self.adapter else 0,
             max_document_chunks=-(-self.options.max_document_tokens // self.options.chunk_size),
         )
+
+    @property
+    def exclude_sink(self) -> bool:
+        """Each document's first token is left out of its router-key pooling (never for MSA checkpoints)."""
+        return self.options.router_exclude_sink and not self.facts.is_msa_checkpoint
+
+    @property
+    def routes_on_pooled_keys(self) -> bool:
+        """Router keys are the pooled attention keys themselves (training-free, sink included)."""
+        return not self.facts.is_msa_checkpoint and self.adapter is None and not self.exclude_sink
+
+    def router_identity(self) -> str:
+        """What made the router keys: persisted memories must have been encoded by the same."""
+        if self.facts.is_msa_checkpoint:
+            return "checkpoint"
+        source = f"adapter:{self.adapter.identity}" if self.adapter is not None else "pooled-keys"
+        return f"{source}{'/no-sink' if self.exclude_sink else ''}"
 
     def _open_archive(self) -> DocumentArchive | None:
         if self.options.memory_dir is None:
@@ -151,7 +179,7 @@ class MemoryService:
         options = self.options
         fingerprint = {**self.facts.model_identity, "routed_layers": self.routed_layers,
                        "chunk_size": options.chunk_size, "memory_content": options.memory_content,
-                       "msa_checkpoint": self.facts.is_msa_checkpoint}
+                       "msa_checkpoint": self.facts.is_msa_checkpoint, "router": self.router_identity()}
         if self.shard is None:
             return DocumentArchive(options.memory_dir, fingerprint)
         return DocumentArchive(options.memory_dir, fingerprint, rank=self.shard.rank, ranks=self.shard.size)

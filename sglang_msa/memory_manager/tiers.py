@@ -62,10 +62,15 @@ class SlotLayout:
     router_heads: int = 0  # KV heads of a router key (0: kv_heads); all the model's under tensor parallelism
     key_shards: int = 1  # ranks sharing router keys by document (Memory Parallel, `sharding.py`)
     max_document_chunks: int = 0  # a sharded key pool's headroom: one rank may hold one document more
+    router_dim: int = 0  # dims of a router-key head (0: head_dim); a router adapter's may differ
 
     @property
     def router_key_heads(self) -> int:
         return self.router_heads or self.kv_heads
+
+    @property
+    def router_head_dim(self) -> int:
+        return self.router_dim or self.head_dim
 
     @classmethod
     def of_document(cls, doc, chunk_size: int, router_key_format: str | None = None) -> "SlotLayout":
@@ -82,7 +87,7 @@ class SlotLayout:
             layers=layers, chunk_size=chunk_size, kv_heads=first.pooled_k.shape[1], head_dim=first.pooled_k.shape[2],
             v_head_dim=first.pooled_v.shape[2], dtype=first.pooled_k.dtype, router_dtype=router_dtype,
             router_is_pooled_k=shared, full=first.full_k is not None, device=first.pooled_k.device,
-            router_heads=first.router_k.shape[1],
+            router_heads=first.router_k.shape[1], router_dim=first.router_k.shape[2],
         )
 
     @property
@@ -90,7 +95,7 @@ class SlotLayout:
         return self.router_dtype in FP8_DTYPES
 
     def key_fields(self) -> list[FieldSpec]:
-        fields = [FieldSpec("router_k", (self.router_key_heads, self.head_dim), self.router_dtype)]
+        fields = [FieldSpec("router_k", (self.router_key_heads, self.router_head_dim), self.router_dtype)]
         if self.quantized:
             fields.append(FieldSpec("router_k_scale", (self.router_key_heads,), torch.float32))
         return fields

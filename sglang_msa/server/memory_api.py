@@ -196,18 +196,37 @@ class MemoryAPI:
                                    **request_fields)
         return self.tokenizer_manager.generate_request(request, None)
 
+    def explain_gids(self, record: MemoryRecord, options: schemas.MemoryOptions) -> list[int]:
+        """The gids of `options.explain_doc_ids` in this memory (422 naming the first unknown)."""
+        if options.explain_doc_ids and (self.tokenizer_manager.server_args.tp_size or 1) > 1:
+            raise APIError(422, "explain_doc_ids needs a single-rank server: under Memory Parallel each rank scores "
+                           "only its shard of the documents", "msa.explain_doc_ids")
+        gids = []
+        for doc_id in options.explain_doc_ids:
+            found = self.metadata.get_document(record.memory_key, doc_id)
+            if found is None:
+                raise APIError(422, f"document {doc_id!r} is not in memory {record.memory_id!r}",
+                               "msa.explain_doc_ids")
+            gids.append(found.gid)
+        return gids
+
     async def retrieved(self, record: MemoryRecord, rid: str, details: bool) -> dict:
-        """The finished query's documents: ranked union over layers, and per layer on request."""
+        """The finished query's documents: ranked union over layers, per layer on request, and
+        the explained documents' ranks per layer."""
         report = await self.control_request(protocol.TakeReport(rid=rid))
-        records = self.metadata.documents_by_gid(record.memory_key, report["ranked_gids"])
+        records = self.metadata.documents_by_gid(record.memory_key, report["retrieved_gids"])
         result = {
             "memory_id": record.memory_id,
             "retrieved": [
-                {"doc_id": records[gid].doc_id, "gid": gid} for gid in report["ranked_gids"] if gid in records
+                {"doc_id": records[gid].doc_id, "gid": gid} for gid in report["retrieved_gids"] if gid in records
             ],
         }
         if details:
             result["layers"] = report["layers"]
+        if report.get("explain"):
+            explained = self.metadata.documents_by_gid(record.memory_key, [int(g) for g in report["explain"]])
+            result["explain"] = {explained[int(gid)].doc_id: layers for gid, layers in report["explain"].items()
+                                 if int(gid) in explained}
         return result
 
     # ------------------------------------------------------------------------------ memories
@@ -493,25 +512,29 @@ class MemoryAPI:
                     chosen.append(records[gid])
                     injected.add(gid)
             rounds.append([{"doc_id": r.doc_id, "gid": r.gid} for r in chosen])
-            older, newest = older + newest, [f"[{r.doc_id}] {r.text}" for r in chosen]
+            # the best-ranked document goes last, next to the question (small models copy from what is nearest)
+            older, newest = older + newest, [f"[{r.doc_id}] {r.text}" for r in reversed(chosen)]
             content, routing_text = injected_question(older, newest, question)
             current = [*messages[:turn], {"role": "user", "content": content}, *messages[turn + 1:]]
         prompt = build_chat_prompt(self.tokenizer, current, "Question: " + question)
         return prompt, {"injection_rounds": rounds,
                         "injected": [doc for round_docs in rounds for doc in round_docs]}
 
-    def query_params(self, record: MemoryRecord, prompt: MemoryPrompt, rid: str) -> dict:
-        return {"op": "query", "routing_spans": [list(span) for span in prompt.routing_spans],
-                "template_tokens": prompt.template_tokens, **self.memory_params(record, rid)}
+    def query_params(self, record: MemoryRecord, prompt: MemoryPrompt, rid: str,
+                     explain_gids: list[int] = ()) -> dict:
+        params = {"op": "query", "routing_spans": [list(span) for span in prompt.routing_spans],
+                  "template_tokens": prompt.template_tokens, **self.memory_params(record, rid)}
+        return {**params, "explain_gids": list(explain_gids)} if explain_gids else params
 
     async def chat(self, memory_id: str, body: schemas.MemoryChatRequest, created: int) -> dict:
         """A non-streaming OpenAI chat completion over the memory."""
         record = self.require_memory(memory_id)
+        explain = self.explain_gids(record, body.msa)
         prompt, injection = await self.chat_prompt(record, body)
         rid = grants.new_rid("chat")
         try:
             out = completed(await self.generate(
-                prompt.input_ids, chat_sampling_params(body), self.query_params(record, prompt, rid), rid
+                prompt.input_ids, chat_sampling_params(body), self.query_params(record, prompt, rid, explain), rid
             ).__anext__())
         except ValueError as exc:
             raise refusal(exc, record) from exc
@@ -533,6 +556,7 @@ class MemoryAPI:
             raise APIError(422, "give exactly one of text and input_ids", "text")
         sampling_params = checked_sampling_params(body.sampling_params, self.vocab_size)
         options = body.msa
+        explain = self.explain_gids(record, options)
         injection = {}
         if options.interleave or options.inject_documents:
             if body.text is None:
@@ -555,7 +579,7 @@ class MemoryAPI:
         rid = grants.new_rid("generate")
         try:
             out = completed(await self.generate(
-                prompt.input_ids, sampling_params, self.query_params(record, prompt, rid), rid,
+                prompt.input_ids, sampling_params, self.query_params(record, prompt, rid, explain), rid,
                 return_logprob=body.return_logprob, top_logprobs_num=body.top_logprobs_num,
                 logprob_start_len=body.logprob_start_len,
             ).__anext__())

@@ -160,10 +160,12 @@ async def chat_completions(body: schemas.MemoryChatRequest, memory_id: str = Mem
     if not body.stream:
         return await api.chat(memory_id, body, created)
     record = api.require_memory(memory_id)
+    explain = api.explain_gids(record, body.msa)
     prompt, injection = await api.chat_prompt(record, body)
     rid = grants.new_rid("chat")
     outputs = api.generate(
-        prompt.input_ids, chat_sampling_params(body), api.query_params(record, prompt, rid), rid, stream=True
+        prompt.input_ids, chat_sampling_params(body), api.query_params(record, prompt, rid, explain), rid,
+        stream=True,
     )
     base = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": body.model}
 

@@ -52,6 +52,11 @@ class MemoryOptions(BaseModel):
         None, min_length=1, description="the prompt text whose tokens route (default: the last user message)"
     )
     routing_details: bool = Field(False, description="report each routed layer's selected documents and scores")
+    explain_doc_ids: list[str] = Field(
+        default_factory=list, max_length=16,
+        description="documents of this memory to explain: their rank among all documents and score in every routed "
+        "layer (why a document was or was not retrieved); single-rank servers",
+    )
     routing_spans: list[tuple[int, int]] | None = Field(
         None, min_length=1,
         description="with input_ids: ascending, disjoint token index ranges [start, end) whose tokens route "
