@@ -1,5 +1,6 @@
 """The quality benchmark's pieces that need no server: the systems file, the haystack-above
-metric, the SSE reader (TTFT, final msa report), summaries, table and plots."""
+metric, the SSE reader (TTFT, final msa report), the client that drops an explain request a server
+refuses, summaries, table and plots."""
 
 from __future__ import annotations
 
@@ -77,3 +78,41 @@ def test_summaries_table_and_plot(tmp_path):
     saved = json.loads((tmp_path / "q.json").read_text())
     assert saved["machine"] == "test" and len(saved["rows"]) == 4 and saved["summaries"][1]["mode"] == "rag"
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_client_drops_explain_once_a_server_refuses_it():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sglang_msa.evaluation.chat_stream import ChatClient
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body["msa"])
+            if "explain_doc_ids" in body["msa"]:
+                status, reply = 422, b'{"error": {"message": "msa.explain_doc_ids: extra inputs are not permitted"}}'
+            else:
+                status, reply = 200, (b'data: {"choices": [{"delta": {"content": "ok"}}], "msa": {"retrieved": []}}\n\n'
+                                      b"data: [DONE]\n\n")
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = ChatClient(f"http://127.0.0.1:{server.server_port}", max_tokens=8)
+        first = client.chat("/v1/memories/m/chat/completions", "q", {"routing_details": True, "explain_doc_ids": ["d"]})
+        second = client.chat("/v1/memories/m/chat/completions", "q", {"routing_details": True, "explain_doc_ids": ["d"]})
+    finally:
+        server.shutdown()
+    assert first.text == second.text == "ok" and first.ttft_s is not None and not client.explains
+    assert seen == [{"routing_details": True, "explain_doc_ids": ["d"]}, {"routing_details": True},
+                    {"routing_details": True}]
