@@ -106,15 +106,16 @@ def plot(summaries: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     generators = sorted({s["generator"] for s in summaries})
+    modes = list(dict.fromkeys(s["mode"] for s in summaries))  # one colour per mode in every panel
     figure, axes = plt.subplots(len(generators), len(PANELS), figsize=(4.2 * len(PANELS), 3.6 * len(generators)),
                                 squeeze=False)
     for row_axes, generator in zip(axes, generators):
         mine = [s for s in summaries if s["generator"] == generator]
         for axis, (key, title) in zip(row_axes, PANELS):
-            for mode in dict.fromkeys(s["mode"] for s in mine):
+            for colour, mode in enumerate(modes):
                 points = sorted((s["memory_tokens"], s[key]) for s in mine if s["mode"] == mode and s[key] is not None)
                 if points:
-                    axis.plot(*zip(*points), marker="o", label=mode)
+                    axis.plot(*zip(*points), marker="o", label=mode, color=f"C{colour % 10}")
             axis.set_xscale("log")
             axis.set_xlabel("memory tokens")
             axis.set_ylim(-0.05, 1.05)
