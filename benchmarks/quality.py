@@ -123,7 +123,8 @@ def run_server(url: str, name: str, msa: bool, baselines: set[str], args, retrie
                         fields["rag"] = ask_rag(client, retriever, task, question, args)
                     if "dense" in baselines and memory_tokens + 300 < args.context_limit:
                         fields["dense"] = ask_dense(client, task, question)
-                    rows += [Row(size=size, generator=generator, seed=seed, mode=mode, memory_tokens=memory_tokens,
+                    rows += [Row(size=size, generator=generator, family=question.family, seed=seed,
+                                 mode=mode, memory_tokens=memory_tokens,
                                  question=question.question, gold=question.gold_doc_ids,
                                  em=exact_match(f["answer"], question.answers), **f) for mode, f in fields.items()]
                 requests.delete(f"{url}/v1/memories/{memory_id}", timeout=600).raise_for_status()

@@ -36,6 +36,7 @@ def test_same_seed_same_task_other_seed_other_task():
 def test_needles_sit_exactly_in_the_gold_documents(seed):
     task = heldout.heldout_task(16000, 150, seed, heldout.FAMILIES, 9)
     texts = {doc.doc_id: doc.text for doc in task.documents}
+    assert [q.family for q in task.questions] == list(heldout.FAMILIES) * 3
     assert [len(q.gold_doc_ids) for q in task.questions[1::3]] == [2, 2, 2]  # chain: two documents
     assert all(len(q.gold_doc_ids) in (2, 3) for q in task.questions[2::3])  # aggregate: 2-3
     for question in task.questions:

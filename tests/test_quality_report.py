@@ -57,7 +57,7 @@ def test_stream_reader_times_the_first_content_and_keeps_the_last_msa_report():
 
 
 def row(mode: str, em: bool, ttft: float, **fields) -> Row:
-    return Row(size=16000, generator="heldout", seed=0, mode=mode, memory_tokens=16100, question="q", gold=["d"],
+    return Row(size=16000, generator="heldout", family="single", seed=0, mode=mode, memory_tokens=16100, question="q", gold=["d"],
                answer="a", em=em, ttft_s=ttft, **fields)
 
 

@@ -186,7 +186,8 @@ def heldout_task(
     texts = haystack(rng, round(memory_tokens / TOKENS_PER_WORD), doc_words)
     num_docs = len(texts)
     names = _Names(rng, " ".join(texts).lower())
-    needles = [make_needle(families[i % len(families)], names) for i in range(num_questions)]
+    kinds = [families[i % len(families)] for i in range(num_questions)]
+    needles = [make_needle(kind, names) for kind in kinds]
     placed = [sentence for needle in needles for sentence in needle.sentences]
     if len(placed) > num_docs:
         raise ValueError(f"{len(placed)} needle sentences need at least as many documents, got {num_docs}")
@@ -198,6 +199,7 @@ def heldout_task(
         sentences.insert(rng.randint(0, len(sentences)), sentence)
         texts[depth] = " ".join(sentences)
         holder[sentence] = f"doc-{depth}"
-    questions = [MemoryQuestion(n.question, list(n.answers), sorted(holder[s] for s in n.sentences)) for n in needles]
+    questions = [MemoryQuestion(n.question, list(n.answers), sorted(holder[s] for s in n.sentences), kind)
+                 for n, kind in zip(needles, kinds)]
     documents = [MemoryDocument(f"doc-{i}", text) for i, text in enumerate(texts)]
     return MemoryTask(f"heldout-{'-'.join(families)}", documents, questions)

@@ -33,6 +33,7 @@ def load_systems(path: Path) -> dict[str, dict]:
 class Row:
     size: int  # requested memory tokens
     generator: str
+    family: str  # the question's NIAH variant or held-out family
     seed: int
     mode: str
     memory_tokens: int  # as the server measured (the generator's estimate for dense/rag)
