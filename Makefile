@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 INSTALLED := $(VENV)/.sglang-msa-installed
-INSTALL_INPUTS := pyproject.toml ci/sglang-cpu-requirements.txt ci/test-requirements.txt ci/bench-requirements.txt \
+INSTALL_INPUTS := Makefile pyproject.toml ci/sglang-cpu-requirements.txt ci/test-requirements.txt ci/bench-requirements.txt \
 	sgl_kernel_cpushim/pyproject.toml sgl_kernel_cpushim/sgl_kernel/__init__.py
 
 ifeq ($(HAS_GPU),1)
