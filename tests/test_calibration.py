@@ -75,7 +75,7 @@ def test_calibrate_a_tiny_model_learns(tiny_llama, tmp_path):
     out = tmp_path / "adapter.safetensors"
     args = argparse.Namespace(out=out, model_path=str(tiny_llama), documents=160, queries_per_document=3, dims=64,
                               head_dim=32, steps=120, layers=None, chunk_size=64, max_document_tokens=256, seed=0,
-                              features_cache=None)
+                              features_cache=None, weights="bf16")
     card = calibrate(args)
     assert card["loss_last"] < 0.8 * card["loss_first"]
     assert card["heldout_mrr"] > card["heldout_mrr_closed_form"]

@@ -48,7 +48,9 @@ def test_carried_wheels_are_for_cpython_312_and_fit_one_call(wheels):
     report = gpu_carry.check_wheels(wheels)
     assert report["problems"] == []
     assert report["also_in_image"] == ["typing-extensions"]  # carried for its version: pydantic needs >= 4.16
-    project_wheel_allowance = 2**20  # sglang_msa-*.whl is ~0.3 MB
+    # sglang_msa-*.whl: ~0.3 MB of code, and its package data (the embedded router adapter) as it is
+    package_data = sum(path.stat().st_size for path in (REPO / "sglang_msa" / "data").iterdir())
+    project_wheel_allowance = 2**20 + package_data
     total = report["bytes"] + gpu_carry.tracked_bytes() + project_wheel_allowance
     assert total <= gpu_carry.CARRY_LIMIT_BYTES - 4 * 2**20, f"{total / 2**20:.1f} MiB"
 

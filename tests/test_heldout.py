@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from sglang_msa.calibration import corpus
 from sglang_msa.evaluation import generators, heldout
 
 NEEDLE_MARKERS = ("access code of the", "observatory first opened", "Replacement orders for the", "reports to",
@@ -15,10 +16,12 @@ NEEDLE_MARKERS = ("access code of the", "observatory first opened", "Replacement
 # generator's, and the calibration corpus's entity facts and inverse-cloze questions.
 OTHER_TEMPLATES = (
     generators.NEEDLE, "What are all the special magic numbers for {key} mentioned in the provided text?",
-    "What is the special magic number for {key}?", "{name} works as a {job} at {company}.",
-    "What does the text say about {span}?",
+    "What is the special magic number for {key}?",
+    *corpus.CLOZE_TEMPLATES, *corpus.WORD_TEMPLATES, *(t for pair in corpus.FACT_TEMPLATES.values() for t in pair),
 )
-STOPWORDS = {"the", "a", "an", "of", "for", "is", "to", "in", "at", "as", "on", "and", "was", "does"}
+# function words and interrogatives every question shares
+STOPWORDS = {"the", "a", "an", "of", "for", "is", "to", "in", "at", "as", "on", "and", "was", "does", "which", "who",
+             "what", "where", "when"}
 
 
 def words(template: str) -> set[str]:

@@ -34,11 +34,27 @@ def test_round_trip_keeps_tensors_metadata_and_identity(tmp_path):
     adapter.save(path)
     loaded = load_adapter(str(path))
     assert loaded.layer_ids == [2, 3] and loaded.card == {"steps": 3} and loaded.reductions == REDUCTIONS
+    for layer in (2, 3):  # stored as bfloat16
+        torch.testing.assert_close(loaded.layers[layer].q_proj.float(), adapter.layers[layer].q_proj.bfloat16().float())
+        torch.testing.assert_close(loaded.layers[layer].center.float(), adapter.layers[layer].center.bfloat16().float())
+    assert loaded.identity == load_adapter(str(path)).identity
+    assert make_adapter(seed=1).identity != adapter.identity != loaded.identity  # bfloat16 rounding changed it
+
+
+def test_float8_weights_load_within_float8_precision(tmp_path):
+    adapter = make_adapter()
+    path = tmp_path / "adapter-fp8.safetensors"
+    adapter.save(path, weights="fp8")
+    loaded = load_adapter(str(path))
     for layer in (2, 3):
-        torch.testing.assert_close(loaded.layers[layer].q_proj, adapter.layers[layer].q_proj, rtol=0, atol=0)
-        torch.testing.assert_close(loaded.layers[layer].center, adapter.layers[layer].center, rtol=0, atol=0)
-    assert loaded.identity == adapter.identity
-    assert make_adapter(seed=1).identity != adapter.identity
+        for name in ("q_proj", "k_proj"):
+            original = getattr(adapter.layers[layer], name)
+            error = (getattr(loaded.layers[layer], name) - original).abs()
+            assert float((error / original.abs().amax(1, keepdim=True)).max()) <= 2**-3  # e4m3: 3 mantissa bits
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:  # one byte per weight on disk
+        assert handle.get_tensor("layers.2.router_q_proj").dtype == torch.float8_e4m3fn
 
 
 def test_projection_is_the_centered_linear_map():
@@ -57,6 +73,8 @@ def test_projection_is_the_centered_linear_map():
     (lambda t: t.pop("layers.2.router_k_proj"), "lacks router_q_proj or router_k_proj"),
     (lambda t: t.update({"layers.2.router_q_proj": torch.zeros(3, HIDDEN)}), "has shape"),
     (lambda t: t.update({"something.else": torch.zeros(1)}), "unexpected tensor"),
+    (lambda t: t.update({"layers.2.router_q_proj": t["layers.2.router_q_proj"].to(torch.float8_e4m3fn)}),
+     "float8 without a scale"),
 ])
 def test_broken_files_are_refused_naming_the_problem(tmp_path, break_it, message):
     from safetensors.torch import save_file

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--max-document-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
+                        help="how the projections are stored: bf16, or fp8 with a scale per row (half the bytes)")
     parser.add_argument("--features-cache", type=Path,
                         help="a file keeping the extracted features: a later run with the same data reuses them")
 
@@ -89,7 +91,7 @@ def calibrate(args: argparse.Namespace) -> dict:
                 "inverse-cloze, rare-word and fact questions",
         "objective": f"InfoNCE tau 0.1 over all calibration documents, {args.steps} steps per layer, from "
                      "closed-form PCA whitening",
-        "dims": args.dims, "head_dim": args.head_dim, "seed": args.seed,
+        "dims": args.dims, "head_dim": args.head_dim, "seed": args.seed, "weights": args.weights,
         "loss_first": round(statistics.fmean(f.losses[0] for f in fits.values()), 4) if args.steps else None,
         "loss_last": round(statistics.fmean(f.losses[-1] for f in fits.values()), 4) if args.steps else None,
         "heldout_recall16_closed_form": mean_of("recall@16", "before"),
@@ -99,14 +101,13 @@ def calibrate(args: argparse.Namespace) -> dict:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
     }
     adapter = RouterAdapter(
-        layers={layer: LayerRouter(fit.q_proj.to(torch.bfloat16), fit.k_proj.to(torch.bfloat16),
-                                   fit.center.to(torch.bfloat16)) for layer, fit in fits.items()},
+        layers={layer: LayerRouter(fit.q_proj, fit.k_proj, fit.center) for layer, fit in fits.items()},
         query_heads=heads, key_heads=heads, head_dim=args.head_dim, hidden_size=config.hidden_size,
         num_layers=num_layers,
         reductions={"similarity": "dot", "head_reduce": "mean", "query_reduce": "mean", "chunk_reduce": "max"},
         exclude_sink=True, card=card,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    adapter.save(args.out)
+    adapter.save(args.out, weights=args.weights)
     logger.info("wrote %s (%.1f MB): %s", args.out, args.out.stat().st_size / 2**20, card)
     return card

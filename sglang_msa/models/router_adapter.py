@@ -10,6 +10,9 @@ projections from a small safetensors file, fitted on the frozen model (`sglang-m
     layers.{i}.router_k_proj  [key_heads · head_dim, hidden]
     layers.{i}.center         [hidden]   (optional: subtracted from the input before both)
 
+Projections may be stored as float8 (e4m3) with one float32 scale per row
+(`layers.{i}.router_q_proj_scale` [rows], the same for `router_k_proj`): half the bytes of bf16.
+
 plus JSON metadata (`sglang_msa_router_adapter`): the router geometry, the reductions it was
 trained for, the model it was fitted on, and a card (data, steps, loss, held-out recall).
 Router keys are then pooled per chunk and routed top-k per layer exactly as for an MSA
@@ -30,8 +33,10 @@ import torch
 METADATA_KEY = "sglang_msa_router_adapter"
 FORMAT = "sglang-msa-router-adapter/1"
 EMBEDDED = "embedded"
+FP8 = torch.float8_e4m3fn
 EMBEDDED_FILE = Path(__file__).resolve().parent.parent / "data" / "smollm2_router_adapter.safetensors"
 REDUCTION_FIELDS = ("similarity", "head_reduce", "query_reduce", "chunk_reduce")
+TENSOR_NAMES = ("router_q_proj", "router_k_proj", "center", "router_q_proj_scale", "router_k_proj_scale")
 
 
 class AdapterError(ValueError):
@@ -123,10 +128,19 @@ class RouterAdapter:
         heads = self.query_heads if which == "q" else self.key_heads
         return (x @ weight.to(hidden.dtype).T).view(hidden.shape[0], heads, self.head_dim)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, weights: str = "bf16") -> None:
+        """Write the adapter; `weights` "fp8" stores the projections as float8 with per-row scales."""
         from safetensors.torch import save_file
 
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.tensors().items()}
+        tensors = {}
+        for name, tensor in self.tensors().items():
+            tensor = tensor.detach().to("cpu", torch.float32)
+            if weights == "fp8" and not name.endswith(".center"):
+                scale = tensor.abs().amax(dim=1).clamp_min(1e-12) / torch.finfo(FP8).max
+                tensors[name] = (tensor / scale[:, None]).to(FP8).contiguous()
+                tensors[f"{name}_scale"] = scale.contiguous()
+            else:
+                tensors[name] = tensor.to(torch.bfloat16).contiguous()
         save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(self.metadata())})
 
 
@@ -158,10 +172,16 @@ def load_adapter(value: str) -> RouterAdapter:
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         parts = name.split(".")
-        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or \
-                parts[2] not in ("router_q_proj", "router_k_proj", "center"):
+        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in TENSOR_NAMES:
             raise AdapterError(f"router_adapter: unexpected tensor {name!r} in {path}")
         layers.setdefault(int(parts[1]), {})[parts[2]] = tensor
+    for layer_id, named in layers.items():
+        for name in ("router_q_proj", "router_k_proj"):
+            scale = named.pop(f"{name}_scale", None)
+            if name in named and named[name].dtype == FP8:
+                if scale is None or scale.shape != named[name].shape[:1]:
+                    raise AdapterError(f"router_adapter: layers.{layer_id}.{name} is float8 without a scale per row")
+                named[name] = named[name].float() * scale.float()[:, None]
     routers = {}
     for layer_id, named in layers.items():
         if "router_q_proj" not in named or "router_k_proj" not in named:
