@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     ingest.add_argument("--replace", action="store_true", help="replace documents whose text changed (default: 409)")
     ingest.add_argument("--placement", choices=("auto", "device", "host"), default="auto",
                         help="placement of a memory this creates")
+    ingest.add_argument("--part-tokens", type=int, help="split documents into parts of at most this many tokens "
+                        "(default and cap: the server's max_document_tokens); a document's prefill costs more per "
+                        "token the longer it is")
     ask.add_argument("question")
     ask.add_argument("--max-tokens", type=int, default=128)
     ask.add_argument("--inject-documents", type=int, default=0,
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.command == "ingest":
             sys.exit(client_commands.ingest(args.url, args.memory, args.paths, args.api_key, args.replace,
-                                            args.placement))
+                                            args.placement, args.part_tokens))
         sys.exit(client_commands.ask(args.url, args.memory, args.question, args.api_key, args.max_tokens,
                                      args.inject_documents))
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -91,9 +91,10 @@ def follow(client: MemoryClient, job_id: str, bar, documents_total: int, documen
 
 
 def ingest(url: str, memory: str, paths: list[Path], api_key: str | None = None, replace: bool = False,
-           placement: str = "auto") -> int:
+           placement: str = "auto", part_tokens: int | None = None) -> int:
     """Load `paths` into `memory` (created if missing); prints a summary; exit status 1 when a
-    document failed."""
+    document failed. Documents are split into parts of at most `part_tokens` (default and cap:
+    the server's max_document_tokens)."""
     from tqdm import tqdm
 
     started = time.monotonic()
@@ -103,7 +104,8 @@ def ingest(url: str, memory: str, paths: list[Path], api_key: str | None = None,
     if created.get("created"):
         print(f"created memory {memory!r}")
     count_tokens = token_counter(client)
-    documents, skipped = read_corpus(paths, limits["max_document_tokens"], count_tokens)
+    max_tokens = min(part_tokens or limits["max_document_tokens"], limits["max_document_tokens"])
+    documents, skipped = read_corpus(paths, max_tokens, count_tokens)
     running = [job for job in client.call("GET", f"{client.memory_path}/jobs")["jobs"] if job["state"] not in FINAL]
     for job in running:  # an earlier load still running on the server: let it finish first
         with tqdm(total=job["tokens"]["total"] or 0, unit="tok", unit_scale=True, desc=f"job {job['job_id']}") as bar:

@@ -54,10 +54,11 @@ def _series() -> SimpleNamespace:
     )
 
 
-def observe_store(totals: dict[str, dict[str, int]]) -> None:
-    """The store's totals per tier (`MemoryStore.tier_totals`)."""
+def observe_store(store) -> None:
+    """The store's totals per tier (`MemoryStore.tier_totals`, counted only with metrics on)."""
     if not enabled():
         return
+    totals = store.tier_totals()
     series = _series()
     for tier in TIERS:
         for name in ("documents", "tokens", "chunks", "bytes"):

@@ -172,7 +172,7 @@ class MemoryService:
                                                   for memory_id, memory in memories.items()})
             memories = common_to_all_ranks(memories, archive, everyone)
         self.store.restore(memories)
-        metrics.observe_store(self.store.tier_totals())
+        metrics.observe_store(self.store)
         logger.info("sglang-msa: restored %d memories, %d documents (%.1f MiB) from %s", len(memories),
                     sum(len(memory.documents) for memory in memories.values()), self.store.used_bytes() / 2**20,
                     archive.root)
@@ -285,7 +285,7 @@ class MemoryService:
             message = protocol.control_message_adapter.validate_json(raw)
             result = self.handle(message)
             if isinstance(message, CHANGES_CONTENTS):
-                metrics.observe_store(self.store.tier_totals())
+                metrics.observe_store(self.store)
             return protocol.ControlReply(ok=True, result=result)
         except MemoryOperationError as exc:
             return protocol.ControlReply(ok=False, status=exc.status, error=str(exc))

@@ -108,14 +108,13 @@ class JobTables:
                 f"FROM ingestion_jobs WHERE state IN {UNFINISHED} ORDER BY created_at").fetchall()
         return [JobRecord(row[0], row[1], bool(row[2]), *row[3:]) for row in rows]
 
-    def set_job_state(self, job_id: str, state: str, only_if_unfinished: bool = True) -> bool:
-        """Move the job to `state` (`finished_at` set for a final one); False if it is gone or,
-        with `only_if_unfinished`, already final."""
+    def set_job_state(self, job_id: str, state: str) -> bool:
+        """Move an unfinished job to `state` (`finished_at` set for a final one); False if it is
+        gone or already final."""
         finished = None if state in UNFINISHED else time.time()
-        condition = f" AND state IN {UNFINISHED}" if only_if_unfinished else ""
         with self._lock:
-            return self._db.execute(f"UPDATE ingestion_jobs SET state = ?, finished_at = ? WHERE job_id = ?{condition}",
-                                    (state, finished, job_id)).rowcount > 0
+            return self._db.execute(f"UPDATE ingestion_jobs SET state = ?, finished_at = ? WHERE job_id = ? "
+                                    f"AND state IN {UNFINISHED}", (state, finished, job_id)).rowcount > 0
 
     def set_job_tokens_total(self, job_id: str, tokens: int) -> None:
         with self._lock:

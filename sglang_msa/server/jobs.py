@@ -20,16 +20,29 @@ from dataclasses import dataclass
 
 from sglang_msa.server import schemas
 from sglang_msa.server.errors import APIError
-from sglang_msa.server.job_records import UNFINISHED, JobOutcome, JobRecord
+from sglang_msa.server.job_records import UNFINISHED, JobDocument, JobOutcome, JobRecord
 from sglang_msa.server.metadata import MemoryRecord
 
-JOB_BATCH = 32  # documents in flight per job: enough for the scheduler to batch their prefills
+# a job's documents in flight at once: enough for the scheduler to batch their prefills, few
+# enough that progress moves every few seconds (about 8K tokens of text)
+JOB_BATCH_DOCUMENTS = 32
+JOB_BATCH_CHARS = 32_768
 MAX_FAILURES_SHOWN = 100
 logger = logging.getLogger(__name__)
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex[:20]
+
+
+def within_chars(documents: list[JobDocument], limit: int) -> list[JobDocument]:
+    """The leading documents whose texts hold at most `limit` characters (at least one)."""
+    total = 0
+    for count, document in enumerate(documents):
+        total += len(document.text)
+        if total > limit and count:
+            return documents[:count]
+    return documents
 
 
 @dataclass
@@ -104,7 +117,7 @@ class IngestionJobs:
                 job = metadata.find_job(record.memory_key, job_id)
                 if job is None or job.state not in UNFINISHED:  # cancelled, or its memory deleted
                     return
-                batch = metadata.pending_job_documents(job_id, JOB_BATCH)
+                batch = within_chars(metadata.pending_job_documents(job_id, JOB_BATCH_DOCUMENTS), JOB_BATCH_CHARS)
                 if not batch:
                     break
                 docs = [schemas.DocumentIn(text=doc.text, doc_id=doc.doc_id) for doc in batch]
@@ -148,7 +161,7 @@ class IngestionJobs:
             created_at=job.created_at, finished_at=job.finished_at,
         ).model_dump()
 
-    def list(self, memory_id: str) -> dict:
+    def list_jobs(self, memory_id: str) -> dict:
         key = self.api.require_memory(memory_id).memory_key
         return {"memory_id": memory_id, "jobs": [self.status(memory_id, job_id)
                                                  for job_id in self.metadata.list_jobs(key)]}

@@ -186,7 +186,7 @@ async def add_documents(body: schemas.AddDocumentsRequest, memory_id: str = Memo
 
 @router.get("/{memory_id}/jobs")
 async def list_jobs(memory_id: str = MemoryIdPath, api: MemoryAPI = ApiDependency):
-    return api.jobs.list(memory_id)
+    return api.jobs.list_jobs(memory_id)
 
 
 @router.get("/{memory_id}/jobs/{job_id}")
