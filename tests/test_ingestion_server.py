@@ -163,7 +163,7 @@ def test_cancel_stops_between_batches(server):
 def test_server_resumes_an_unfinished_job_after_a_hard_kill(server):
     url = server.url
     call("POST", f"{url}/v1/memories", ALPHA, 201, json={"memory_id": "resumed"})
-    docs = documents("r", 800, words=60)
+    docs = documents("r", 300, words=60)
     job = submit(url, "resumed", ALPHA, docs)
     before = wait_for(url, "resumed", ALPHA, job["job_id"], until=lambda s: s["documents"]["stored"] >= 40)
     server.restart()
@@ -171,10 +171,10 @@ def test_server_resumes_an_unfinished_job_after_a_hard_kill(server):
     url = server.url
     final = wait_for(url, "resumed", ALPHA, job["job_id"])  # nobody resubmits: the server picks it up
     assert final["state"] == "done" and final["documents"]["failed"] == 0
-    assert final["documents"]["stored"] + final["documents"]["existing"] == 800
+    assert final["documents"]["stored"] + final["documents"]["existing"] == 300
     stored = listed(url, "resumed", ALPHA)
     assert sorted(stored) == sorted(d["doc_id"] for d in docs)  # each exactly once
-    assert call("GET", f"{url}/v1/memories/resumed", ALPHA, 200).json()["documents"] == 800
+    assert call("GET", f"{url}/v1/memories/resumed", ALPHA, 200).json()["documents"] == 300
 
 
 def test_ingest_and_ask_commands(server, tmp_path, capsys):
