@@ -29,6 +29,7 @@ def server_url(tiny_llama, tmp_path_factory):
     ("openai_client.py", ["answer:", "retrieved:", "streamed:"]),
     ("multi_hop.py", ["rounds=[[", "answer:"]),
     ("dsl_program.py", ["retrieved: [", "answer:", "over memory: ["]),
+    ("load_notes.py", ["stored 5 documents", "Q: Who is on call this week?", "documents used", "metrics: off"]),
 ])
 def test_example_runs(server_url, example, expected):
     result = subprocess.run([sys.executable, str(EXAMPLES / example), "--url", server_url],

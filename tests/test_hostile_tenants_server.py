@@ -16,49 +16,21 @@ import time
 import pytest
 import requests
 
-from sglang_msa.server_process import start_server
+from tenant_server import ADMIN, TenantServer
 
 pytestmark = pytest.mark.server
 
 KEYS = {"key-of-tenant-alpha-0001": "alpha", "key-of-tenant-bravo-0002": "bravo",
         "key-of-tenant-charlie-003": "charlie"}
 ALPHA, BRAVO, CHARLIE = ({"Authorization": f"Bearer {key}"} for key in KEYS)
-ADMIN_KEY = "admin-key-of-this-server-0000"
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 BODY_LIMIT_MB = 1
-
-
-class Server:
-    """The module's server; `restart` kills it (SIGKILL) and starts it again on the same directory."""
-
-    def __init__(self, model, root):
-        self.model, self.root, self.runs = model, root, 0
-        (root / "keys.json").write_text(json.dumps({"keys": KEYS}))
-        self.process = self._launch()
-
-    def _launch(self):
-        options = {"top_k_docs": 2, "chunk_size": 4, "routed_layers": "all", "max_document_tokens": 512,
-                   "api_keys_file": str(self.root / "keys.json"), "max_request_body_mb": BODY_LIMIT_MB}
-        args = ["--max-total-tokens", "16384", "--log-level", "warning", "--msa-config", json.dumps(options),
-                "--msa-memory-dir", str(self.root / "memories"), "--admin-api-key", ADMIN_KEY]
-        self.runs += 1
-        return start_server(self.model, "msa", extra_args=args, log_path=self.root / f"server-{self.runs}.log")
-
-    @property
-    def url(self) -> str:
-        return self.process.base_url
-
-    def restart(self) -> None:
-        self.process.kill()
-        self.process = self._launch()
-
-    def alive(self) -> bool:
-        return requests.get(f"{self.url}/health_generate", timeout=60).status_code == 200
+OPTIONS = {"top_k_docs": 2, "chunk_size": 4, "routed_layers": "all", "max_document_tokens": 512,
+           "max_request_body_mb": BODY_LIMIT_MB}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    running = Server(tiny_llama, tmp_path_factory.mktemp("hostile"))
+    running = TenantServer(tiny_llama, tmp_path_factory.mktemp("hostile"), KEYS, OPTIONS)
     yield running
     running.process.stop()
 

@@ -36,15 +36,21 @@ def documents(*texts: str) -> schemas.AddDocumentsRequest:
     return schemas.AddDocumentsRequest(documents=[{"text": text} for text in texts])
 
 
+def to_encode(*texts: str) -> list:
+    """Documents as `MemoryAPI.tokenize_documents` takes them: (index, document, replaced record)."""
+    return [(index, schemas.DocumentIn(text=text), None) for index, text in enumerate(texts)]
+
+
 def test_documents_longer_than_any_limit_are_413_naming_the_document():
     api = memory_api(max_document_tokens=100, context_len=64)
     body = documents("short text", "x" * (100 * api.max_token_chars + 1))
     untokenized = refusal(lambda: api.check_document_lengths(body))  # cannot fit, whatever the tokenizer does
     assert (untokenized.status, untokenized.param) == (413, "documents[1].text")
-    over_context = refusal(lambda: api.tokenize_documents(documents("short text", "word " * 15), [0, 1]))
+    short, over_context = api.tokenize_documents(to_encode("short text", "word " * 15), [0, 1])
+    assert isinstance(over_context, APIError), over_context  # refused alone; a job's other documents go on
     assert (over_context.status, over_context.param) == (413, "documents[1].text")
     assert "context length is 64" in over_context.message
-    assert len(api.tokenize_documents(documents("short text"), [0])[0]) < 64
+    assert len(short) < 64
 
 
 def test_generate_parameters_are_checked_naming_the_field():

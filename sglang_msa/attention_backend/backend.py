@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
+from sglang_msa import metrics
 from sglang_msa.attention_backend import memory_ops
 from sglang_msa.attention_backend.kernel_attention import BatchMemoryRows, ContextPlan, attend_batch, plan_context
 from sglang_msa.attention_backend.plan import BatchPlan, plan_batch
@@ -120,10 +122,12 @@ class MSAAttnBackend(TorchNativeAttnBackend):
             routing_queries = torch.cat(
                 [queries[start - request.prefix_len : end - request.prefix_len] for start, end in spans]
             )
+            started = time.perf_counter()
             selection = self.route(
                 self.service.store, state.params.memory_key, layer.layer_id, routing_queries, self.service.options,
                 key_buffer, self.kernels,
             )
+            metrics.observe_routing(layer.layer_id, time.perf_counter() - started)
             if selection.doc_scores is not None:
                 state.record_scores(layer.layer_id, selection.doc_scores)
                 selection.doc_scores = None

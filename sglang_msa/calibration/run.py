@@ -14,8 +14,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 
@@ -38,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def calibrate(args: argparse.Namespace) -> dict:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sglang_msa.calibration.corpus import build_calibration_set

@@ -25,6 +25,7 @@ import torch
 import zmq
 from pydantic import ValidationError
 
+from sglang_msa import metrics
 from sglang_msa.config import MSAOptions, load_options
 from sglang_msa.memory_manager import grants, protocol
 from sglang_msa.memory_manager.persistence import DocumentArchive, common_to_all_ranks
@@ -95,6 +96,10 @@ class ControlBatch:
     with that step's requests (Memory Parallel)."""
 
     messages: list[bytes]
+
+
+# control messages after which the store's sizes (metrics) may differ
+CHANGES_CONTENTS = (protocol.DropMemory, protocol.RemoveDocument, protocol.PublishDocuments)
 
 
 def reserved_rid_error(rid: str) -> str:
@@ -195,6 +200,7 @@ class MemoryService:
                                                   for memory_id, memory in memories.items()})
             memories = common_to_all_ranks(memories, archive, everyone)
         self.store.restore(memories)
+        metrics.observe_store(self.store)
         logger.info("sglang-msa: restored %d memories, %d documents (%.1f MiB) from %s", len(memories),
                     sum(len(memory.documents) for memory in memories.values()), self.store.used_bytes() / 2**20,
                     archive.root)
@@ -305,7 +311,10 @@ class MemoryService:
     def _apply(self, raw: bytes) -> protocol.ControlReply:
         try:
             message = protocol.control_message_adapter.validate_json(raw)
-            return protocol.ControlReply(ok=True, result=self.handle(message))
+            result = self.handle(message)
+            if isinstance(message, CHANGES_CONTENTS):
+                metrics.observe_store(self.store)
+            return protocol.ControlReply(ok=True, result=result)
         except MemoryOperationError as exc:
             return protocol.ControlReply(ok=False, status=exc.status, error=str(exc))
         except ValidationError as exc:

@@ -511,6 +511,21 @@ class MemoryStore:
         with self._lock:
             return {memory_key: self.stats(memory_key) for memory_key in self._memories}
 
+    def tier_totals(self) -> dict[str, dict[str, int]]:
+        """Over every memory: documents, tokens and chunks by the tier holding their content, and
+        bytes per tier (router keys count on the device)."""
+        totals = {tier: dict.fromkeys(("documents", "tokens", "chunks", "bytes"), 0) for tier in ("device", "host")}
+        with self._lock:
+            for memory in self._memories.values():
+                for doc in memory.documents.values():
+                    held = totals[doc.tier]
+                    held["documents"] += 1
+                    held["tokens"] += doc.num_tokens
+                    held["chunks"] += doc.num_chunks
+                    for tier, size in self.slots.nbytes(doc).items():
+                        totals[tier]["bytes"] += size
+        return totals
+
     def capacity(self) -> dict:
         """Budgets and, once the slots exist, free and total chunk slots per tier."""
         with self._lock:

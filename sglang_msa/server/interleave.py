@@ -48,7 +48,7 @@ class RoundOutput:
     """What one retrieval round's request produced."""
 
     output_ids: list[int]
-    routing: dict  # the request's routing report: ranked_gids (and layers on request)
+    routing: dict  # the request's routing report: its retrieved documents (and layers on request)
 
 
 @dataclass

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from sglang_msa import metrics
 from sglang_msa.config import MSAOptions
 from sglang_msa.memory_manager import grants, protocol
 from sglang_msa.memory_manager.client import AsyncControlClient
@@ -24,6 +27,7 @@ from sglang_msa.memory_manager.store import MemoryOperationError
 from sglang_msa.server import schemas
 from sglang_msa.server.auth import caller_is_admin, caller_tenant, load_api_keys
 from sglang_msa.server.errors import APIError
+from sglang_msa.server.jobs import IngestionJobs
 from sglang_msa.server.interleave import (
     ROUND_SAMPLING_PARAMS,
     InterleaveLimits,
@@ -96,6 +100,62 @@ def metadata_path(options: MSAOptions) -> str | Path:
     return Path(options.memory_dir) / METADATA_FILE
 
 
+STATS_TOTALS = ("documents", "tokens", "chunks", "bytes", "device_bytes", "host_bytes")
+
+
+def per_tenant(per_memory: dict[str, dict], records: dict[str, MemoryRecord]) -> dict[str, dict]:
+    """Memories and the totals of their statistics, per owning tenant."""
+    tenants: dict[str, dict] = {}
+    for memory_key, stats in per_memory.items():
+        if memory_key in records:
+            held = tenants.setdefault(records[memory_key].owner, dict.fromkeys(("memories", *STATS_TOTALS), 0))
+            held["memories"] += 1
+            for key in STATS_TOTALS:
+                held[key] += stats[key]
+    return tenants
+
+
+def conflict_message(doc_id: str, memory_id: str) -> str:
+    return (f"doc_id {doc_id!r} already exists in memory {memory_id!r} with another text; "
+            "send replace: true to replace it")
+
+
+def raise_first_error(token_ids: list) -> None:
+    for ids in token_ids:
+        if isinstance(ids, APIError):
+            raise ids
+
+
+async def refused_report(error: APIError) -> dict:
+    """The ingestion report of a document refused before it reached SGLang."""
+    return {"stored": False, "status": error.status, "error": error.message}
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What became of one submitted document: `stored`, `replaced`, `existing` (its doc_id was
+    stored with the same text) or `failed` (HTTP status and message)."""
+
+    state: str
+    doc_id: str | None = None
+    gid: int | None = None
+    num_tokens: int = 0
+    status: int | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, record: DocumentRecord, state: str) -> "StoreResult":
+        return cls(state, record.doc_id, record.gid, record.num_tokens)
+
+    @classmethod
+    def failure(cls, status: int, error: str | None) -> "StoreResult":
+        return cls("failed", status=status, error=error)
+
+    def out(self) -> schemas.DocumentOut:
+        return schemas.DocumentOut(doc_id=self.doc_id, gid=self.gid, num_tokens=self.num_tokens,
+                                   existing=self.state == "existing", replaced=self.state == "replaced")
+
+
 def with_answer(injection: dict, text: str) -> dict:
     """The injection report; after Memory Interleave it adds the answer the model wrote after
     "The answer to the question is:" (spec §10)."""
@@ -118,6 +178,7 @@ class MemoryAPI:
         self.is_msa_checkpoint = getattr(hf_config, "model_type", None) == MSA_MODEL_TYPE
         self.interleave_prompts = InterleavePrompts(self.tokenizer) if self.is_msa_checkpoint else None
         self.api_keys = load_api_keys(options.api_keys_file) if options.api_keys_file else None
+        self.jobs = IngestionJobs(self)
         # a token covers at most this many characters: longer documents are refused untokenized
         self.max_token_chars = max(len(token) for token in self.tokenizer.get_vocab())
 
@@ -227,6 +288,7 @@ class MemoryAPI:
             explained = self.metadata.documents_by_gid(record.memory_key, [int(g) for g in report["explain"]])
             result["explain"] = {explained[int(gid)].doc_id: layers for gid, layers in report["explain"].items()
                                  if int(gid) in explained}
+        metrics.observe_selected(len(report["retrieved_gids"]))
         return result
 
     # ------------------------------------------------------------------------------ memories
@@ -258,13 +320,15 @@ class MemoryAPI:
             tenant = self.namespace()
             own = {key for key, record in self.metadata.memories().items() if record.owner == tenant}
             per_memory = {memory_key: stats for memory_key, stats in per_memory.items() if memory_key in own}
-        totals = {key: sum(stats[key] for stats in per_memory.values())
-                  for key in ("documents", "tokens", "chunks", "bytes", "device_bytes", "host_bytes")}
+        totals = {key: sum(stats[key] for stats in per_memory.values()) for key in STATS_TOTALS}
         if not server_wide:
             return {"memories": len(per_memory), **totals}
         capacity = {key: reply[key] for key in ("budget_bytes", "host_budget_bytes", "chunk_slots") if key in reply}
-        return {"memories": len(per_memory), **totals, **capacity, "requests_in_flight": reply["requests"],
-                "request_selection_bytes": reply["request_selection_bytes"]}
+        stats = {"memories": len(per_memory), **totals, **capacity, "requests_in_flight": reply["requests"],
+                 "request_selection_bytes": reply["request_selection_bytes"]}
+        if self.keys_enabled:  # the admin key: per tenant too (never on the unauthenticated /metrics)
+            stats["tenants"] = per_tenant(per_memory, self.metadata.memories())
+        return stats
 
     async def memory_info(self, memory_id: str) -> dict:
         record = self.require_memory(memory_id)
@@ -291,62 +355,34 @@ class MemoryAPI:
         return {"memory_id": memory_id, "deleted": True}
 
     # ------------------------------------------------------------------------------ documents
-    async def add_documents(self, memory_id: str, body: schemas.AddDocumentsRequest) -> tuple[int, dict]:
-        """Encode documents into the memory (each one a prefill through SGLang), then record them.
-
-        Each document is staged by the scheduler (stored, durable, invisible to routing), then
-        recorded here (the acknowledgement), then published to routing. A document whose
-        ingestion failed, was aborted, or whose memory was deleted meanwhile is discarded and
-        its gid retired, so it can never appear; in particular never in a memory created since
-        under the same name (another incarnation). Returns (status, body): 201 when every
-        document was stored, else the failures' status with the stored ones and the failures.
-        """
+    def check_documents(self, memory_id: str, body: schemas.AddDocumentsRequest) -> MemoryRecord:
+        """The checks of a document submission, synchronous or a job, before anything is encoded:
+        the caller's memory, the count, duplicate doc_ids, lengths, and 409 naming the field for
+        a doc_id stored with another text (unless `replace`). The memory's record."""
         record = self.require_memory(memory_id)
-        options = self.options
-        if len(body.documents) > options.max_documents_per_request:
+        if len(body.documents) > self.options.max_documents_per_request:
             raise APIError(413, f"{len(body.documents)} documents in one request; the limit is "
-                           f"{options.max_documents_per_request}", "documents")
+                           f"{self.options.max_documents_per_request}", "documents")
         explicit = [doc.doc_id for doc in body.documents if doc.doc_id is not None]
         if len(set(explicit)) != len(explicit):
             raise APIError(409, "duplicate doc_id in the request", "documents")
         self.check_document_lengths(body)
-        # validate on the ids the documents will most likely get, then take the ids for real;
-        # tokenize again only if a concurrent request took those ids first
-        key = record.memory_key
-        try:
-            next_gid = self.metadata.next_gid(key)
-            prospective = list(range(next_gid, next_gid + len(body.documents)))
-            token_ids = await asyncio.to_thread(self.tokenize_documents, body, prospective)
-            gids = self.metadata.reserve_gids(key, len(body.documents))
-        except KeyError:
-            raise APIError(404, f"memory {memory_id!r} does not exist", "memory_id") from None
-        if gids != prospective:
-            token_ids = await asyncio.to_thread(self.tokenize_documents, body, gids)
-        doc_ids = [doc.doc_id or str(gid) for doc, gid in zip(body.documents, gids)]
-        taken = self.metadata.existing_doc_ids(key, doc_ids)
-        if taken or len(set(doc_ids)) != len(doc_ids):
-            raise APIError(409, f"doc_id {(taken or doc_ids)[0]!r} already exists in memory {memory_id!r}",
-                           "documents")
-        published: list[int] = []
-        try:
-            reports = await asyncio.gather(*(self.ingest(record, gid, ids) for gid, ids in zip(gids, token_ids)))
-            stored, failures = [], []
-            for index, (doc, gid, doc_id, ids, report) in enumerate(
-                    zip(body.documents, gids, doc_ids, token_ids, reports)):
-                if report.get("stored"):
-                    if self.metadata.add_document(DocumentRecord(key, gid, doc_id, doc.text, len(ids))):
-                        stored.append(schemas.DocumentOut(doc_id=doc_id, gid=gid, num_tokens=len(ids)))
-                        continue
-                    report = {"status": 404, "error": f"memory {memory_id!r} was deleted or doc_id {doc_id!r} was "
-                                                      "taken meanwhile"}
-                failures.append({"index": index, "param": f"documents[{index}]", "error": report.get("error"),
-                                 "status": report.get("status", 409)})
-            published = (await self.control_request(protocol.PublishDocuments(
-                memory_key=key, gids=[doc.gid for doc in stored])))["published"] if stored else []
-        finally:  # whatever was not published goes, also when this handler is cancelled
-            unpublished = sorted(set(gids) - set(published))
-            if unpublished:
-                await asyncio.shield(self.control_request(protocol.DiscardDocuments(memory_key=key, gids=unpublished)))
+        if not body.replace:
+            stored = self.metadata.documents_by_doc_id(record.memory_key, explicit)
+            for index, doc in enumerate(body.documents):
+                if doc.doc_id in stored and stored[doc.doc_id].text != doc.text:
+                    raise APIError(409, conflict_message(doc.doc_id, memory_id), f"documents[{index}].doc_id")
+        return record
+
+    async def add_documents(self, memory_id: str, body: schemas.AddDocumentsRequest) -> tuple[int, dict]:
+        """Encode documents into the memory, synchronously. Returns (status, body): 201 when every
+        document is stored (a doc_id already stored with the same text counts, `existing`), else
+        the failures' status with the stored ones and the failures."""
+        record = self.check_documents(memory_id, body)
+        results = await self.store_documents(record, body.documents, body.replace, strict=True)
+        stored = [result.out() for result in results if result.state != "failed"]
+        failures = [{"index": index, "param": f"documents[{index}]", "error": result.error, "status": result.status}
+                    for index, result in enumerate(results) if result.state == "failed"]
         content = schemas.AddDocumentsResponse(memory_id=memory_id, documents=stored).model_dump()
         if not failures:
             return 201, content
@@ -354,6 +390,90 @@ class MemoryAPI:
         content["error"] = {"message": f"{len(failures)} of {len(body.documents)} documents were not stored",
                             "failures": failures, "code": status}
         return status, content
+
+    async def store_documents(self, record: MemoryRecord, documents: list[schemas.DocumentIn], replace: bool,
+                              strict: bool) -> list[StoreResult]:
+        """Store documents in the memory incarnation `record` (each one a prefill through SGLang);
+        one result per document, in order.
+
+        A doc_id already stored with the same text is `existing` (not encoded again); with
+        another text it fails with 409, or with `replace` the new text is stored under a new
+        gid and swapped in for the old one in one transaction. Each document is staged by the
+        scheduler (stored, durable, invisible to routing), then recorded here (the
+        acknowledgement), then published to routing. A document whose ingestion failed, was
+        aborted, or whose memory was deleted meanwhile is discarded and its gid retired, so it
+        can never appear; in particular never in a memory created since under the same name.
+        `strict`: a document that cannot be tokenized within the limits raises (4xx naming it)
+        instead of failing alone.
+        """
+        key = record.memory_key
+        stored = self.metadata.documents_by_doc_id(key, [doc.doc_id for doc in documents if doc.doc_id])
+        results: list[StoreResult | None] = [None] * len(documents)
+        todo = []
+        for index, doc in enumerate(documents):
+            old = stored.get(doc.doc_id) if doc.doc_id else None
+            if old is not None and old.text == doc.text:
+                results[index] = StoreResult.of(old, "existing")
+            elif old is not None and not replace:
+                results[index] = StoreResult.failure(409, conflict_message(doc.doc_id, record.memory_id))
+            else:
+                todo.append((index, doc, old))
+        if todo:
+            await self._encode_and_record(record, todo, results, strict)
+        return results
+
+    async def _encode_and_record(self, record: MemoryRecord, todo: list, results: list, strict: bool) -> None:
+        """Tokenize, ingest, acknowledge and publish the documents in `todo` ((index, doc, the
+        record it replaces or None)); fills their `results`."""
+        key = record.memory_key
+        # tokenize on the ids the documents will most likely get, then take the ids for real;
+        # tokenize again only if a concurrent request took those ids first
+        try:
+            next_gid = self.metadata.next_gid(key)
+            prospective = list(range(next_gid, next_gid + len(todo)))
+            token_ids = await asyncio.to_thread(self.tokenize_documents, todo, prospective)
+            if strict:
+                raise_first_error(token_ids)
+            gids = self.metadata.reserve_gids(key, len(todo))
+        except KeyError:
+            raise APIError(404, f"memory {record.memory_id!r} does not exist", "memory_id") from None
+        if gids != prospective:
+            token_ids = await asyncio.to_thread(self.tokenize_documents, todo, gids)
+        started = time.monotonic()
+        published: list[int] = []
+        try:
+            reports = await asyncio.gather(*(
+                self.ingest(record, gid, ids) if isinstance(ids, list) else refused_report(ids)
+                for gid, ids in zip(gids, token_ids)))
+            replaced = []
+            for (index, doc, old), gid, ids, report in zip(todo, gids, token_ids, reports):
+                doc_id = doc.doc_id or str(gid)
+                if report.get("stored"):
+                    new = DocumentRecord(key, gid, doc_id, doc.text, len(ids))
+                    if self.metadata.replace_document(old.gid, new) if old else self.metadata.add_document(new):
+                        results[index] = StoreResult.of(new, "replaced" if old else "stored")
+                        replaced += [old.gid] if old else []
+                        continue
+                    now = self.metadata.get_document(key, doc_id)
+                    if now is not None and now.text == doc.text:  # a concurrent submission stored it
+                        results[index] = StoreResult.of(now, "existing")
+                        continue
+                    report = {"status": 404, "error": f"memory {record.memory_id!r} was deleted or doc_id {doc_id!r} "
+                                                      "was taken meanwhile"}
+                results[index] = StoreResult.failure(report.get("status", 409), report.get("error"))
+            fresh = [results[index].gid for index, _, _ in todo if results[index].state in ("stored", "replaced")]
+            if fresh:
+                published = (await self.control_request(protocol.PublishDocuments(memory_key=key, gids=fresh)))[
+                    "published"]
+                tokens = {results[index].gid: results[index].num_tokens for index, _, _ in todo}
+                metrics.observe_ingestion(len(published), sum(tokens[gid] for gid in published),
+                                          time.monotonic() - started)
+            for gid in replaced:  # the record is gone already; now its tensors
+                await self.control_request(protocol.RemoveDocument(memory_key=key, gid=gid))
+        finally:  # whatever was not published goes, also when this handler is cancelled
+            unpublished = sorted(set(gids) - set(published))
+            if unpublished:
+                await asyncio.shield(self.control_request(protocol.DiscardDocuments(memory_key=key, gids=unpublished)))
 
     async def ingest(self, record: MemoryRecord, gid: int, token_ids: list[int]) -> dict:
         """One document through SGLang; the scheduler's report ({"stored": ..., "error": ...}),
@@ -385,19 +505,21 @@ class MemoryAPI:
                 raise APIError(413, f"the document has {len(doc.text)} characters, more than max_document_tokens "
                                f"({limit}) tokens can hold", f"documents[{index}].text")
 
-    def tokenize_documents(self, body: schemas.AddDocumentsRequest, gids) -> list[list[int]]:
-        """Token ids of each document as the model encodes it (MSA checkpoints: wrapped with its id)."""
+    def tokenize_documents(self, todo: list, gids) -> list[list[int] | APIError]:
+        """Token ids of each document as the model encodes it (MSA checkpoints: wrapped with its
+        id), or the 4xx refusing it (naming `documents[index].text`)."""
         token_ids = []
-        for index, (doc, gid) in enumerate(zip(body.documents, gids)):
+        for (index, doc, _), gid in zip(todo, gids):
             ids = document_token_ids(self.tokenizer, gid, doc.text, self.is_msa_checkpoint)
+            field = f"documents[{index}].text"
             if not ids:
-                raise APIError(422, "the document has no tokens", f"documents[{index}].text")
-            if len(ids) > self.options.max_document_tokens:
-                raise APIError(413, f"the document has {len(ids)} tokens; max_document_tokens is "
-                               f"{self.options.max_document_tokens}", f"documents[{index}].text")
-            if len(ids) >= self.tokenizer_manager.context_len:  # its prefill must fit, with one token to generate
-                raise APIError(413, f"the document has {len(ids)} tokens; the model's context length is "
-                               f"{self.tokenizer_manager.context_len}", f"documents[{index}].text")
+                ids = APIError(422, "the document has no tokens", field)
+            elif len(ids) > self.options.max_document_tokens:
+                ids = APIError(413, f"the document has {len(ids)} tokens; max_document_tokens is "
+                               f"{self.options.max_document_tokens}", field)
+            elif len(ids) >= self.tokenizer_manager.context_len:  # its prefill must fit, with one token to generate
+                ids = APIError(413, f"the document has {len(ids)} tokens; the model's context length is "
+                               f"{self.tokenizer_manager.context_len}", field)
             token_ids.append(ids)
         return token_ids
 
@@ -413,9 +535,9 @@ class MemoryAPI:
                                                        self.is_msa_checkpoint)
         return document
 
-    def list_documents(self, memory_id: str, limit: int, offset: int) -> dict:
+    def list_documents(self, memory_id: str, limit: int, offset: int, hashes: bool = False) -> dict:
         key = self.require_memory(memory_id).memory_key
-        return {"memory_id": memory_id, "documents": self.metadata.list_documents(key, limit, offset),
+        return {"memory_id": memory_id, "documents": self.metadata.list_documents(key, limit, offset, hashes),
                 "limit": limit, "offset": offset}
 
     async def delete_document(self, memory_id: str, doc_id: str) -> dict:
@@ -436,14 +558,18 @@ class MemoryAPI:
                            options: schemas.MemoryOptions) -> tuple[MemoryPrompt, dict]:
         """The prompt of the answer, and what injection or interleave rounds added (empty without)."""
         if options.interleave:
-            return await self.interleave(record, messages, options)
+            prompt, injection = await self.interleave(record, messages, options)
+            metrics.observe_injection_rounds(len(injection["interleave"]["rounds"]))
+            return prompt, injection
         if options.inject_documents == 0:
             build = build_msa_chat_prompt if self.is_msa_checkpoint else build_chat_prompt
             return build(self.tokenizer, messages, options.routing_text), {}
         if self.is_msa_checkpoint:
             raise APIError(422, "router-driven injection is for training-free models; MSA checkpoints "
                            "retrieve by generating document ids (msa.interleave)", "msa.inject_documents")
-        return await self.inject_documents(record, messages, options)
+        prompt, injection = await self.inject_documents(record, messages, options)
+        metrics.observe_injection_rounds(len(injection["injection_rounds"]))
+        return prompt, injection
 
     async def interleave(self, record: MemoryRecord, messages: list[dict],
                          options: schemas.MemoryOptions) -> tuple[MemoryPrompt, dict]:

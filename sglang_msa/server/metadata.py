@@ -14,12 +14,15 @@ insertion order and never reused within an incarnation.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from sglang_msa.server.job_records import JOB_SCHEMA, JobTables
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS memory_incarnations (
@@ -71,21 +74,27 @@ class DocumentRecord:
     num_tokens: int
 
 
+def text_sha256(text: str) -> str:
+    """The hash clients compare to know whether a stored document holds their text."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def new_memory_key() -> str:
     """An incarnation's key: unguessable, and a valid directory name."""
     return uuid.uuid4().hex
 
 
-class MetadataStore:
+class MetadataStore(JobTables):
     """In memory by default; with a file path, every change is a committed, fsynced transaction
-    (WAL journal, synchronous=FULL) that survives a crash of the server."""
+    (WAL journal, synchronous=FULL) that survives a crash of the server. Ingestion jobs' tables
+    come from `job_records.JobTables`."""
 
     def __init__(self, path: str | Path = ":memory:"):
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         if str(path) != ":memory:":
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
-        self._db.executescript(SCHEMA)
+        self._db.executescript(SCHEMA + JOB_SCHEMA)
         self._migrate_legacy()
         self._db.execute("PRAGMA foreign_keys = ON")
         self._lock = threading.Lock()
@@ -168,14 +177,16 @@ class MetadataStore:
         first = self._transaction(reserve)
         return list(range(first, first + count))
 
-    def existing_doc_ids(self, memory_key: str, doc_ids: list[str]) -> list[str]:
+    def documents_by_doc_id(self, memory_key: str, doc_ids: list[str]) -> dict[str, DocumentRecord]:
+        if not doc_ids:
+            return {}
         with self._lock:
             placeholders = ",".join("?" * len(doc_ids))
             rows = self._db.execute(
-                f"SELECT doc_id FROM memory_documents WHERE memory_key = ? AND doc_id IN ({placeholders})",
-                (memory_key, *doc_ids),
+                f"SELECT gid, doc_id, text, num_tokens FROM memory_documents WHERE memory_key = ? "
+                f"AND doc_id IN ({placeholders})", (memory_key, *doc_ids),
             ).fetchall()
-        return [row[0] for row in rows]
+        return {row[1]: DocumentRecord(memory_key, *row) for row in rows}
 
     def add_document(self, record: DocumentRecord) -> bool:
         """Record an acknowledged document; False if its incarnation is gone or its doc_id is taken."""
@@ -189,6 +200,23 @@ class MetadataStore:
                 return True
             except sqlite3.IntegrityError:
                 return False
+
+    def replace_document(self, old_gid: int, record: DocumentRecord) -> bool:
+        """Swap the row of document `old_gid` for `record` (same doc_id) in one transaction;
+        False (nothing changed) if the old row or the incarnation is gone."""
+        def swap(db):
+            if db.execute("DELETE FROM memory_documents WHERE memory_key = ? AND gid = ? AND doc_id = ?",
+                          (record.memory_key, old_gid, record.doc_id)).rowcount == 0:
+                return False
+            db.execute("INSERT INTO memory_documents (memory_key, gid, doc_id, text, num_tokens, created_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (record.memory_key, record.gid, record.doc_id, record.text, record.num_tokens, time.time()))
+            return True
+
+        try:
+            return self._transaction(swap)
+        except sqlite3.IntegrityError:
+            return False
 
     def get_document(self, memory_key: str, doc_id: str) -> DocumentRecord | None:
         with self._lock:
@@ -209,13 +237,18 @@ class MetadataStore:
             ).fetchall()
         return {row[0]: DocumentRecord(memory_key, *row) for row in rows}
 
-    def list_documents(self, memory_key: str, limit: int, offset: int) -> list[dict]:
+    def list_documents(self, memory_key: str, limit: int, offset: int, hashes: bool = False) -> list[dict]:
+        """Documents in insertion order; with `hashes`, each text's SHA-256 (`text_sha256`)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT doc_id, gid, num_tokens FROM memory_documents WHERE memory_key = ? ORDER BY gid "
-                "LIMIT ? OFFSET ?", (memory_key, limit, offset),
+                f"SELECT doc_id, gid, num_tokens{', text' if hashes else ''} FROM memory_documents "
+                "WHERE memory_key = ? ORDER BY gid LIMIT ? OFFSET ?", (memory_key, limit, offset),
             ).fetchall()
-        return [{"doc_id": doc_id, "gid": gid, "num_tokens": n} for doc_id, gid, n in rows]
+        listed = [{"doc_id": row[0], "gid": row[1], "num_tokens": row[2]} for row in rows]
+        if hashes:
+            for item, row in zip(listed, rows):
+                item["text_sha256"] = text_sha256(row[3])
+        return listed
 
     def contents(self) -> dict[str, set[int]]:
         """Every incarnation and the gids of its acknowledged documents."""

@@ -7,6 +7,7 @@ field), call them, and shape the responses (OpenAI chat completions, streaming i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -14,6 +15,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from sglang_msa import metrics
 from sglang_msa.config import load_options
 from sglang_msa.memory_manager import grants
 from sglang_msa.server import schemas
@@ -41,6 +43,7 @@ async def authenticate(request: Request) -> None:
 router = APIRouter(prefix="/v1/memories", tags=["memories"], dependencies=[Depends(authenticate)])
 MemoryIdPath = Path(pattern=schemas.MEMORY_ID_PATTERN)
 DocIdPath = Path(pattern=schemas.DOC_ID_PATTERN)
+JobIdPath = Path(pattern=schemas.JOB_ID_PATTERN)
 
 _api: MemoryAPI | None = None
 _api_lock = asyncio.Lock()
@@ -60,6 +63,7 @@ async def get_api() -> MemoryAPI:
                 raise APIError(503, "the server is still starting")
             api = MemoryAPI(state.tokenizer_manager, load_options())
             await api.reconcile()
+            api.jobs.resume()
             _api = api
     return _api
 
@@ -68,6 +72,7 @@ ApiDependency = Depends(get_api)
 
 
 async def api_error_handler(request, exc: APIError) -> JSONResponse:
+    metrics.observe_refusal(exc.status, exc.param)
     return exc.response()
 
 
@@ -76,7 +81,34 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     error = exc.errors()[0]
     location = [part for part in error["loc"] if part not in ("body", "path", "query")]
     param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
+    metrics.observe_refusal(422, param or None)
     return APIError(422, f"{param or 'body'}: {error['msg']}", param or None).response()
+
+
+async def start_when_ready() -> None:
+    """Create the MemoryAPI as soon as SGLang's state exists, so that unfinished ingestion jobs
+    resume without waiting for a request."""
+    while True:
+        try:
+            await get_api()
+            return
+        except APIError:
+            await asyncio.sleep(0.5)
+
+
+def resume_jobs_at_start(app) -> None:
+    """With a memory directory, wrap SGLang's lifespan to start the API (and resume jobs) once
+    the server runs."""
+    sglang_lifespan = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_):
+        async with sglang_lifespan(app_) as state:
+            starting = asyncio.create_task(start_when_ready())
+            yield state
+            starting.cancel()
+
+    app.router.lifespan_context = lifespan
 
 
 def install(app) -> None:
@@ -86,7 +118,12 @@ def install(app) -> None:
     """
     if any(getattr(route, "path", "").startswith(router.prefix) for route in app.router.routes):
         return
-    app.include_router(router)
+    # the routes themselves, not `include_router`: FastAPI 0.165 wraps an included router in an
+    # object without a path template, and SGLang's HTTP metrics then label requests with the raw
+    # path, which names tenants' memories on the unauthenticated /metrics
+    app.router.routes.extend(router.routes)
+    if load_options().memory_dir is not None:
+        resume_jobs_at_start(app)
     app.add_middleware(BodyLimitMiddleware, limit_bytes=int(load_options().max_request_body_mb * 2**20))
     app.add_exception_handler(APIError, api_error_handler)
     sglang_handler = app.exception_handlers.get(RequestValidationError)
@@ -116,6 +153,15 @@ async def store_stats(api: MemoryAPI = ApiDependency):
     return await api.store_stats()
 
 
+@router.get("/-/limits")
+async def limits(api: MemoryAPI = ApiDependency):
+    """What a submission may hold (clients split and batch their documents by these)."""
+    options = api.options
+    return {"max_document_tokens": options.max_document_tokens,
+            "max_documents_per_request": options.max_documents_per_request,
+            "max_request_body_bytes": int(options.max_request_body_mb * 2**20)}
+
+
 @router.get("/{memory_id}")
 async def get_memory(memory_id: str = MemoryIdPath, api: MemoryAPI = ApiDependency):
     """Documents, tokens, chunks and bytes held by a memory."""
@@ -128,17 +174,40 @@ async def delete_memory(memory_id: str = MemoryIdPath, api: MemoryAPI = ApiDepen
 
 
 @router.post("/{memory_id}/documents", status_code=201)
-async def add_documents(body: schemas.AddDocumentsRequest, memory_id: str = MemoryIdPath, api: MemoryAPI = ApiDependency):
-    """Encode documents into the memory (each one a prefill through SGLang), then acknowledge."""
+async def add_documents(body: schemas.AddDocumentsRequest, memory_id: str = MemoryIdPath,
+                        wait: bool = Query(True), api: MemoryAPI = ApiDependency):
+    """Encode documents into the memory (each one a prefill through SGLang), then acknowledge;
+    `?wait=false`: 202 with an ingestion job at once (`GET .../jobs/{job_id}` for progress)."""
+    if not wait:
+        return JSONResponse(status_code=202, content=api.jobs.submit(memory_id, body))
     status, content = await api.add_documents(memory_id, body)
     return JSONResponse(status_code=status, content=content)
 
 
+@router.get("/{memory_id}/jobs")
+async def list_jobs(memory_id: str = MemoryIdPath, api: MemoryAPI = ApiDependency):
+    return api.jobs.list_jobs(memory_id)
+
+
+@router.get("/{memory_id}/jobs/{job_id}")
+async def get_job(memory_id: str = MemoryIdPath, job_id: str = JobIdPath, api: MemoryAPI = ApiDependency):
+    """Documents and tokens done / total, rate, ETA and per-document failures of a job."""
+    return api.jobs.status(memory_id, job_id)
+
+
+@router.delete("/{memory_id}/jobs/{job_id}")
+async def cancel_job(memory_id: str = MemoryIdPath, job_id: str = JobIdPath, api: MemoryAPI = ApiDependency):
+    """Cancel the job after the batch under way; documents stored so far stay."""
+    return api.jobs.cancel(memory_id, job_id)
+
+
 @router.get("/{memory_id}/documents")
 async def list_documents(memory_id: str = MemoryIdPath, limit: int = Query(100, ge=1, le=10_000),
-                         offset: int = Query(0, ge=0, le=2**63 - 1), api: MemoryAPI = ApiDependency):
-    """The memory's acknowledged documents (ids and sizes) in insertion order."""
-    return api.list_documents(memory_id, limit, offset)
+                         offset: int = Query(0, ge=0, le=2**63 - 1), hashes: bool = Query(False),
+                         api: MemoryAPI = ApiDependency):
+    """The memory's acknowledged documents (ids and sizes) in insertion order; `?hashes=true`
+    adds each text's SHA-256 (`text_sha256`), for clients resuming a load."""
+    return api.list_documents(memory_id, limit, offset, hashes)
 
 
 @router.get("/{memory_id}/documents/{doc_id}")

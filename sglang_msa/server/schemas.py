@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sglang_msa.memory_manager.protocol import MEMORY_ID_PATTERN
 
 DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$"
+JOB_ID_PATTERN = r"^[0-9a-f]{1,64}$"
 
 
 class CreateMemoryRequest(BaseModel):
@@ -31,12 +32,18 @@ class DocumentIn(BaseModel):
 class AddDocumentsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     documents: list[DocumentIn] = Field(min_length=1)
+    replace: bool = Field(
+        False, description="a doc_id already stored with another text: replace it (default: 409). The same "
+        "text is never stored twice either way",
+    )
 
 
 class DocumentOut(BaseModel):
     doc_id: str
     gid: int
     num_tokens: int
+    existing: bool = Field(False, description="already stored with this text: not encoded again")
+    replaced: bool = Field(False, description="replaced a stored document of this doc_id")
 
 
 class AddDocumentsResponse(BaseModel):
@@ -122,3 +129,38 @@ class MemoryGenerateRequest(BaseModel):
     top_logprobs_num: int = Field(0, ge=0, le=64)
     stream: Literal[False] = False
     msa: MemoryOptions = Field(default_factory=MemoryOptions)
+
+
+class JobDocumentCounts(BaseModel):
+    total: int
+    stored: int = Field(description="encoded and acknowledged by this job")
+    existing: int = Field(description="already stored with the same text (skipped)")
+    failed: int
+    pending: int
+
+
+class JobTokens(BaseModel):
+    total: int | None = Field(description="the submitted texts' tokens, counted when the job starts")
+    done: int = Field(description="tokens of the documents stored or found existing")
+
+
+class JobFailure(BaseModel):
+    index: int
+    doc_id: str
+    status: int | None
+    error: str | None
+
+
+class IngestionJobStatus(BaseModel):
+    """An ingestion job (`POST /v1/memories/{id}/documents?wait=false`)."""
+
+    job_id: str
+    memory_id: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    documents: JobDocumentCounts
+    tokens: JobTokens
+    tokens_per_s: float | None = Field(description="encoding rate since this server process started the job")
+    eta_s: float | None
+    failures: list[JobFailure] = Field(description="the first failed documents, in submission order")
+    created_at: float
+    finished_at: float | None
