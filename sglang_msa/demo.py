@@ -4,7 +4,8 @@ loaded through the memory API, and questions answered with the documents each on
 The embedded model (SmolLM2-135M-Instruct) was not trained for MSA: it routes with the router
 adapter shipped for it (`router_adapter: "embedded"`, fitted on the frozen model by
 `sglang-msa calibrate`), reads the selected documents at full resolution, and the original text
-of the top-ranked documents is injected before each question.
+of the top-ranked document is injected before each question (a 135M model copies from what is
+in front of it; given a second, unrelated document it sometimes answers from that one).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sglang_msa.models.embedded import prepare_embedded_model
 from sglang_msa.server_process import start_server
 
 DEMO_OPTIONS = {"top_k_docs": 3, "memory_content": "full", "router_adapter": "embedded"}
-INJECT_DOCUMENTS = 2  # the original text of the 2 top-routed documents goes before the question
+INJECT_DOCUMENTS = 1  # the original text of the top-ranked document goes before the question
 
 
 def load_demo_memory() -> dict:

@@ -18,7 +18,8 @@ BENCHMARK_SYSTEMS = Path(__file__).parents[1] / "benchmarks" / "quality_systems.
 
 def test_the_shipped_systems_file_names_msa_server_configs(tmp_path):
     systems = load_systems(BENCHMARK_SYSTEMS)
-    assert systems["msa-old"] == {} and {"msa-new", "msa-adapter-closed", "msa-adapter"} <= set(systems)
+    assert systems["msa-old"] == {"router_exclude_sink": False} and systems["msa-new"] == {}
+    assert systems["msa-adapter"] == {"router_adapter": "embedded"} and "msa-adapter-closed" in systems
     (tmp_path / "bad.json").write_text(json.dumps({"rag": {}}))
     with pytest.raises(ValueError, match="built-in"):
         load_systems(tmp_path / "bad.json")

@@ -60,13 +60,15 @@ def calibrate(args: argparse.Namespace) -> dict:
               else list(range(num_layers // 2, num_layers)))
     data = build_calibration_set(args.documents, args.queries_per_document, seed=args.seed)
     logger.info("calibration set: %d documents, %d queries", len(data.documents), len(data.queries))
-    key = {"model": str(Path(model_path).resolve()), "documents": args.documents, "seed": args.seed, "layers": layers,
+    key = {"model": str(Path(model_path).resolve()), "documents": args.documents, "seed": args.seed,
            "queries_per_document": args.queries_per_document, "chunk_size": args.chunk_size,
            "max_document_tokens": args.max_document_tokens}
     cache = args.features_cache
     cached = torch.load(cache, weights_only=False) if cache is not None and cache.is_file() else None
-    if cached is not None and cached["key"] == key:
+    if cached is not None and cached["key"] == key and set(layers) <= set(cached["features"].chunks):
         features = cached["features"]
+        features.chunks = {layer: features.chunks[layer] for layer in layers}
+        features.queries = {layer: features.queries[layer] for layer in layers}
         logger.info("features from %s", cache)
     else:
         features = extract_features(model, tokenizer, [d.text for d in data.documents],
