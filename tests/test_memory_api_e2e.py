@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import time
 
 import pytest
@@ -250,15 +251,28 @@ def test_router_driven_injection(server):
     docs = [{"text": f"Note {i}: the locker {i} code is {i * 111}.", "doc_id": f"note-{i}"} for i in range(6)]
     post(f"{server}/v1/memories/inject/documents", {"documents": docs}, 201)
     question = "What is the code of locker 3?"
-    plain = chat(server, "inject", question)
+    plain = post(f"{server}/v1/memories/inject/chat/completions", {
+        "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 6,
+        "msa": {"explain_doc_ids": [d["doc_id"] for d in docs]},
+    }, 200)
     one = post(f"{server}/v1/memories/inject/chat/completions", {
         "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 6,
         "msa": {"inject_documents": 2},
     }, 200)
     assert len(one["msa"]["injection_rounds"]) == 1 and len(one["msa"]["injected"]) == 2
     injected_ids = [d["doc_id"] for d in one["msa"]["injected"]]
-    # the injected documents are the ones the first routing ranked highest
-    assert injected_ids == [d["doc_id"] for d in plain["msa"]["retrieved"][:2]]
+    # the injected documents are the ones the routing ranked highest: every document's scores
+    # standardized over the memory in each routed layer, summed over the layers
+    explain = plain["msa"]["explain"]
+    layers = sorted(explain["note-0"])
+    zsum = {doc_id: 0.0 for doc_id in explain}
+    for layer in layers:
+        scores = {doc_id: explain[doc_id][layer]["score"] for doc_id in explain}
+        mean = statistics.fmean(scores.values())
+        spread = statistics.stdev(scores.values())
+        for doc_id, score in scores.items():
+            zsum[doc_id] += (score - mean) / spread
+    assert injected_ids == sorted(zsum, key=lambda doc_id: -zsum[doc_id])[:2]
     texts = {d["doc_id"]: d["text"] for d in docs}
     extra_tokens = one["usage"]["prompt_tokens"] - plain["usage"]["prompt_tokens"]
     assert extra_tokens >= sum(len(texts[i]) // 8 for i in injected_ids)  # the text is really in the prompt
