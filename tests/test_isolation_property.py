@@ -44,7 +44,8 @@ def test_queries_only_ever_see_their_own_live_documents(parts, operations, seed)
             harness.extend_batch([(rid, torch.randn(n, H * D, generator=gen), k, torch.randn(n, HKV, D, generator=gen))])
             assert harness.service.take_report(rid)["stored"]
             harness.service.store.publish(tenant, [next_gid])
-            owned[tenant][next_gid] = ref.pool_chunks(k, [n], CHUNK)
+            # router keys: pooled K, the first chunk without the document's sink token
+            owned[tenant][next_gid] = ref.exclude_sink_from_first_chunk(ref.pool_chunks(k, [n], CHUNK), k, CHUNK)
             next_gid += 1
         elif op[0] == "delete":
             _, tenant, index = op
