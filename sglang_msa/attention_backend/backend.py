@@ -88,13 +88,17 @@ class MSAAttnBackend(TorchNativeAttnBackend):
         if self.router_inputs is None or layer.layer_id not in self.routed_layers:
             return router_q, router_k
         hidden = self.router_inputs.take(layer.layer_id)
-        if self.plan is None:
+        plan = self.plan
+        if plan is None:
             return router_q, router_k
-        hidden = hidden.float()
-        dtype = self.token_to_kv_pool.dtype
-        flat = (hidden.shape[0], -1)
-        return (self.adapter.project(layer.layer_id, hidden, "q").reshape(flat),
-                self.adapter.project(layer.layer_id, hidden, "k").reshape(flat).to(dtype))
+        hidden, flat = hidden.float(), (hidden.shape[0], -1)
+        # only what this pass uses: queries where a request routes (its prefill), keys where a document is encoded
+        if any(layer.layer_id not in request.state.selections for request in plan.queries):
+            router_q = self.adapter.project(layer.layer_id, hidden, "q").reshape(flat)
+        if plan.ingestions:
+            router_k = self.adapter.project(layer.layer_id, hidden, "k").reshape(flat)
+            router_k = router_k.to(self.token_to_kv_pool.dtype)
+        return router_q, router_k
 
     def _route_queries(self, q, layer, router_q=None):
         """Route the memory queries that have not routed in this layer yet (their prefill), before

@@ -262,14 +262,12 @@ class MemoryAPI:
         if options.explain_doc_ids and (self.tokenizer_manager.server_args.tp_size or 1) > 1:
             raise APIError(422, "explain_doc_ids needs a single-rank server: under Memory Parallel each rank scores "
                            "only its shard of the documents", "msa.explain_doc_ids")
-        gids = []
+        found = self.metadata.documents_by_doc_id(record.memory_key, options.explain_doc_ids)
         for doc_id in options.explain_doc_ids:
-            found = self.metadata.get_document(record.memory_key, doc_id)
-            if found is None:
+            if doc_id not in found:
                 raise APIError(422, f"document {doc_id!r} is not in memory {record.memory_id!r}",
                                "msa.explain_doc_ids")
-            gids.append(found.gid)
-        return gids
+        return [found[doc_id].gid for doc_id in options.explain_doc_ids]
 
     async def retrieved(self, record: MemoryRecord, rid: str, details: bool) -> dict:
         """The finished query's documents: ranked union over layers, per layer on request, and
