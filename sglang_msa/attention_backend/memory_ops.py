@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 def pool_document(
     keys: torch.Tensor, values: torch.Tensor, chunk_size: int, keep_full: bool,
     router_keys: torch.Tensor | None = None, kernels: str = "torch", router_key_format: str = "model",
-    shard: MemoryShard | None = None, exclude_sink: bool = False,
+    shard: MemoryShard | None = None, exclude_sink: bool = False, pooled_router_keys: torch.Tensor | None = None,
 ) -> LayerTensors:
     """One document's routed-layer tensors from its token K (after RoPE), V and router keys
     (MSA checkpoints, router adapters), K and V [n, Hkv, d], router keys [n, Hr, dr].
@@ -33,6 +33,9 @@ def pool_document(
     keys are all-gathered along heads (a collective: every rank pools the same document here).
     Router keys a router adapter computed from the whole hidden state are already whole: pass no
     `shard` for them.
+
+    `pooled_router_keys` [chunks, Hr, dr] are router keys made per chunk (an external router's
+    text embeddings): stored as they are, in place of pooled ones.
     """
     n = keys.shape[0]
     if kernels == "triton":
@@ -41,7 +44,9 @@ def pool_document(
         pooled_k = ref.pool_chunks(keys, [n], chunk_size)
         pooled_v = ref.pool_chunks(values, [n], chunk_size)
         pooled_router_k = None if router_keys is None else ref.pool_chunks(router_keys, [n], chunk_size)
-    if exclude_sink:
+    if pooled_router_keys is not None:
+        pooled_router_k = pooled_router_keys
+    elif exclude_sink:
         source = keys if router_keys is None else router_keys
         pooled_router_k = pooled_k.clone() if pooled_router_k is None else pooled_router_k
         ref.exclude_sink_from_first_chunk(pooled_router_k, source, chunk_size)

@@ -165,6 +165,7 @@ class QueryState:
     zsum_gids: list[int] | None = None
     zsum: torch.Tensor | None = None
     explained: dict[int, dict[str, dict]] = field(default_factory=dict)  # gid -> layer -> rank, score, of
+    text_query: torch.Tensor | None = None  # external router: the routing text's embedding [1, 1, dim]
 
     def record_scores(self, layer_id: int, doc_scores: DocScores) -> None:
         """Fold one layer's scores of every document into the z-sum ranking and the explained ranks."""
@@ -218,6 +219,7 @@ class IngestState:
     pooled: dict[int, LayerTensors] = field(default_factory=dict)  # per routed layer, once its prefill completes
     # per routed layer, the router keys of the passes so far (chunked prefill; MSA checkpoints)
     router_keys: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    text_chunk_keys: torch.Tensor | None = None  # external router: per chunk its text's embedding [chunks, 1, dim]
     stored: bool = False  # staged in the memory, awaiting the server's publish or discard
     error: str | None = None  # why it was not stored
     error_status: int | None = None  # and the HTTP status that maps to (404 memory gone, 507 budget, ...)

@@ -43,6 +43,7 @@ from sglang_msa.memory_manager.store import MemoryOperationError, MemoryStore
 from sglang_msa.memory_manager.tiers import SlotLayout
 from sglang_msa.models.msa_config import options_for_checkpoint
 from sglang_msa.models.router_adapter import AdapterError, RouterAdapter, load_adapter, options_with_adapter
+from sglang_msa.models.text_router import ExternalRouter, ExternalRouterError, options_with_external_router
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class ModelFacts:
     model_identity: dict = field(default_factory=dict)  # what persisted memories must match (model, dtype)
     kv_geometry: KVGeometry | None = None  # the KV pool's per-token rows: memory slots are reserved at start-up
     hidden_size: int | None = None  # the attention input's width (what a router adapter projects)
+    tokenizer_path: str | None = None  # the served model's tokenizer (what an external router decodes with)
 
     @property
     def is_msa_checkpoint(self) -> bool:
@@ -121,6 +123,10 @@ class MemoryService:
                                    "projections; a router adapter is for models without them")
             options = options_for_checkpoint(options, facts.msa_config, facts.num_layers)
         self.adapter: RouterAdapter | None = None
+        self.external_router: ExternalRouter | None = None
+        if options.external_router is not None:
+            self.external_router = self._load_external_router(options, facts)
+            options = options_with_external_router(options)
         if options.router_adapter is not None:
             self.adapter = load_adapter(options.router_adapter)
             self.adapter.check_model(facts.hidden_size, facts.num_layers)
@@ -145,9 +151,35 @@ class MemoryService:
             self.routed_layers, options.top_k_docs, options.chunk_size, options.memory_content,
         )
 
+    @staticmethod
+    def _load_external_router(options: MSAOptions, facts: ModelFacts) -> ExternalRouter:
+        if facts.is_msa_checkpoint:
+            raise ExternalRouterError("external_router: this is an MSA checkpoint, which routes with its own router "
+                                      "projections; an external router is for models without them")
+        if options.router_adapter is not None:
+            raise ExternalRouterError("external_router and router_adapter are exclusive: choose one router")
+        if facts.tokenizer_path is None:
+            raise ExternalRouterError("external_router needs the served model's tokenizer (not with "
+                                      "--skip-tokenizer-init)")
+        device = facts.kv_geometry.device if facts.kv_geometry is not None else "cpu"
+        router = ExternalRouter(options.external_router, facts.tokenizer_path, device)
+        logger.warning("sglang-msa: MSA memory attention with an EXTERNAL router (%s): documents are chosen by "
+                       "all-MiniLM-L6-v2 text embeddings, not by MSA routing", router.identity)
+        return router
+
+    @property
+    def own_router_geometry(self) -> tuple[int, int] | None:
+        """(heads, dim) of router keys that are not the KV pool's (adapter, external router)."""
+        if self.adapter is not None:
+            return self.adapter.key_heads, self.adapter.head_dim
+        if self.external_router is not None:
+            return self.external_router.heads, self.external_router.dim
+        return None
+
     def slot_layout(self, kv: KVGeometry) -> SlotLayout:
         """What each stored document holds per routed layer, from the KV pool and the options."""
         fp8 = self.options.router_key_format == "fp8"
+        own = self.own_router_geometry
         shards = self.shard.size if self.shard is not None else 1
         return SlotLayout(
             layers=tuple(self.routed_layers), chunk_size=self.options.chunk_size, kv_heads=kv.kv_heads,
@@ -156,25 +188,29 @@ class MemoryService:
             # sharded, a router key has every rank's heads and the content this rank's: K̄ is kept twice
             router_is_pooled_k=not fp8 and self.routes_on_pooled_keys and shards == 1,
             full=self.options.memory_content == "full", device=kv.device,
-            router_heads=self.adapter.key_heads if self.adapter else kv.kv_heads * shards, key_shards=shards,
-            router_dim=self.adapter.head_dim if self.adapter else 0,
+            router_heads=own[0] if own else kv.kv_heads * shards, key_shards=shards,
+            router_dim=own[1] if own else 0,
             max_document_chunks=-(-self.options.max_document_tokens // self.options.chunk_size),
         )
 
     @property
     def exclude_sink(self) -> bool:
         """Each document's first token is left out of its router-key pooling (never for MSA checkpoints)."""
-        return self.options.router_exclude_sink and not self.facts.is_msa_checkpoint
+        return (self.options.router_exclude_sink and not self.facts.is_msa_checkpoint
+                and self.external_router is None)
 
     @property
     def routes_on_pooled_keys(self) -> bool:
         """Router keys are the pooled attention keys themselves (training-free, sink included)."""
-        return not self.facts.is_msa_checkpoint and self.adapter is None and not self.exclude_sink
+        return (not self.facts.is_msa_checkpoint and self.own_router_geometry is None
+                and not self.exclude_sink)
 
     def router_identity(self) -> str:
         """What made the router keys: persisted memories must have been encoded by the same."""
         if self.facts.is_msa_checkpoint:
             return "checkpoint"
+        if self.external_router is not None:
+            return self.external_router.identity
         source = f"adapter:{self.adapter.identity}" if self.adapter is not None else "pooled-keys"
         return f"{source}{'/no-sink' if self.exclude_sink else ''}"
 
@@ -250,7 +286,11 @@ class MemoryService:
             return f"document has {prompt_len} tokens; max_document_tokens is {self.options.max_document_tokens}"
         if not self.store.can_stage(params.memory_key, params.gid):
             return f"document {params.gid} was stored, removed or discarded already"
-        self.registry.put(req.rid, IngestState(params=params, num_tokens=prompt_len))
+        state = IngestState(params=params, num_tokens=prompt_len)
+        if self.external_router is not None:
+            state.text_chunk_keys = self.external_router.chunk_keys(list(req.origin_input_ids),
+                                                                    self.options.chunk_size)
+        self.registry.put(req.rid, state)
         _bypass_prefix_cache(req)  # every token's router keys must be computed in this request
         return None
 
@@ -263,11 +303,12 @@ class MemoryService:
         spans = params.spans_within(prompt_len)
         if isinstance(spans, str):
             return spans
-        self.registry.put(
-            req.rid,
-            QueryState(params=params, prompt_len=prompt_len, routing_spans=spans,
-                       position_offset=self.position_offset(params.memory_key)),
-        )
+        state = QueryState(params=params, prompt_len=prompt_len, routing_spans=spans,
+                           position_offset=self.position_offset(params.memory_key))
+        if self.external_router is not None:
+            ids = list(req.origin_input_ids)
+            state.text_query = self.external_router.query([token for start, end in spans for token in ids[start:end]])
+        self.registry.put(req.rid, state)
         _bypass_prefix_cache(req)  # upper-layer KV depends on the selection: never share it
         return None
 

@@ -276,6 +276,8 @@ class MemoryAPI:
         records = self.metadata.documents_by_gid(record.memory_key, report["retrieved_gids"])
         result = {
             "memory_id": record.memory_id,
+            # who chose the documents: MSA routing, or an external router (never presented as MSA routing)
+            "router": f"external:{self.options.external_router}" if self.options.external_router else "msa",
             "retrieved": [
                 {"doc_id": records[gid].doc_id, "gid": gid} for gid in report["retrieved_gids"] if gid in records
             ],

@@ -18,9 +18,11 @@ TINY = [  # (routing tokens per request, heads, kv heads, head dim, memories' do
     ([3, 1, 2], 6, 2, 24, [[13, 1, 40, 7], [2, 2]], 8),     # odd head dim, GQA 3 (padded group)
     ([2], 4, 4, 8, [[70]], 4),                              # one document, chunks over several tiles
     ([5, 5], 8, 1, 32, [[3] * 30, []], 2),                  # MQA, many small documents, an empty memory
+    ([1, 1], 1, 1, 384, [[20, 7, 64], [9]], 8),             # external router: one head of 384 (not a power of 2)
 ]
 REAL = [  # MSA-4B routing shapes: 32 query heads, 8 KV heads, d=128, P=64
     ([24, 70, 1], 32, 8, 128, [[4096] * 40 + [100], [64 * 5] * 300, [777] * 3], 64),
+    ([1, 1], 1, 1, 384, [[512] * 2000, [300] * 7], 64),   # external router (MiniLM): one query row, one head
 ]
 
 
