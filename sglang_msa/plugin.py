@@ -330,7 +330,41 @@ def configure_msa_resolution(result, server_args, *args, **kwargs):
                        "document ingestion cannot starve running queries)", MSA_PREFILL_DECODE_INTERVAL)
         declare_resolution(server_args, source, prefill_decode_interval=MSA_PREFILL_DECODE_INTERVAL)
     _reserve_memory_budget(server_args, source)
+    _choose_cpu_dtype(server_args, raw, source)
     return result
+
+
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 /proc/cpuinfo flags; arm64 Features
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The instruction-set flags of /proc/cpuinfo's text (x86 `flags`, arm64 `Features`)."""
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def _choose_cpu_dtype(server_args, raw: dict, source: str, cpuinfo: str | None = None) -> None:
+    """On SGLang's CPU engine with `--dtype auto`: float32 where the CPU has no bf16 instructions
+    (there a bf16 matrix product runs several times slower than float32, and ingestion and
+    queries are mostly matrix products); bf16 models keep bf16 where it is native."""
+    from pathlib import Path
+
+    from sglang.srt.arg_groups.overrides import declare_resolution
+    from sglang.srt.utils.common import is_cpu
+
+    if not is_cpu() or raw.get("dtype", "auto") != "auto":
+        return
+    try:
+        flags = cpu_flags(Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo)
+    except OSError:  # no /proc: keep SGLang's choice
+        return
+    if flags and not flags & BF16_CPU_FLAGS:
+        logger.warning("sglang-msa: this CPU has no bf16 instructions (%s): --dtype float32 "
+                       "(pass --dtype to choose)", "/".join(sorted(BF16_CPU_FLAGS)))
+        declare_resolution(server_args, source, dtype="float32")
 
 
 def _reserve_memory_budget(server_args, source: str) -> None:
