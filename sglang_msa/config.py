@@ -34,7 +34,14 @@ class MSAOptions(BaseModel):
         "auto", description="routing score; auto = the official engine's choice (dot unless INFONCE)"
     )
     head_reduce: Literal["mean", "max"] = "mean"
-    query_reduce: Literal["max", "mean", "last"] = "max"
+    query_reduce: Literal["max", "mean", "last", "zmax", "zmean"] = Field(
+        "max",
+        description="how the routing tokens' chunk scores combine: their max, mean, or the last token's; "
+        "'zmax' / 'zmean' first standardize each token's scores over all the memory's chunks in the layer "
+        "((s - mean) / std, from router-key moments the store keeps per memory and layer), so that a token "
+        "whose scores spread widely does not dominate. Not with kernels 'triton' nor under --tp > 1. MSA "
+        "checkpoints use their own msa_config reduction",
+    )
     chunk_reduce: Literal["max", "mean"] = "max"
     memory_content: Literal["full", "pooled"] = Field(
         "full",

@@ -142,7 +142,8 @@ def top_documents(view: RoutingView, router_q: torch.Tensor, options: MSAOptions
         doc_scores = routing_scan.scan_layer(plan, [router_q], view.key_table())
         chosen, scores = routing_scan.best_documents(doc_scores, options.top_k_docs)
         return [view.gids[i] for i in chosen], scores, doc_scores.float().cpu()
-    per_chunk = routing_torch.chunk_scores(router_q, view.layout.num_chunks, view.read_keys, *reductions[:3])
+    per_chunk = routing_torch.chunk_scores(router_q, view.layout.num_chunks, view.read_keys, *reductions[:3],
+                                           key_moments=view.key_moments)
     doc_scores = ref.document_scores(per_chunk, view.layout, options.chunk_reduce)
     chosen = ref.select_top_k(doc_scores, options.top_k_docs).tolist()
     return [view.gids[i] for i in chosen], [float(doc_scores[i]) for i in chosen], doc_scores.float().cpu()

@@ -24,7 +24,7 @@ from typing import Literal, Sequence
 import torch
 
 HeadReduce = Literal["mean", "max"]
-QueryReduce = Literal["max", "mean", "last"]
+QueryReduce = Literal["max", "mean", "last", "zmax", "zmean"]
 ChunkReduce = Literal["max", "mean"]
 Similarity = Literal["cosine", "dot"]
 
@@ -140,6 +140,21 @@ def expand_kv_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     return x.repeat_interleave(num_q_heads // num_kv_heads, dim=-2)
 
 
+STANDARDIZED_REDUCTIONS = ("zmax", "zmean")
+CONSTANT_SCORE_TOLERANCE = 1e-6
+
+
+def standardized_scores(per_token: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """z = (s - mean) / std of each routing token's scores `per_token` [T, n], given the mean and
+    standard deviation [T] of that token's scores over all the memory's chunks. A token whose scores
+    are constant over the memory (std <= 1e-6 x the root mean square of its scores, e.g. a
+    one-chunk memory) standardizes to 0. Returns float64."""
+    mean, std = mean.double(), std.double()
+    constant = std <= CONSTANT_SCORE_TOLERANCE * torch.sqrt(mean**2 + std**2)
+    inverse_std = torch.where(constant, 0.0, 1.0 / std.clamp_min(torch.finfo(torch.float64).tiny))
+    return (per_token.double() - mean[:, None]) * inverse_std[:, None]
+
+
 def chunk_scores(
     router_q: torch.Tensor,
     chunk_keys: torch.Tensor,
@@ -152,6 +167,8 @@ def chunk_scores(
     router_q:   [T, H, d] router queries of the routing tokens (T >= 1)
     chunk_keys: [C, Hkv, d] pooled router keys
     similarity: "dot" is <q, k> / sqrt(d); "cosine" L2-normalises q and k per head first.
+    query_reduce: "zmax" / "zmean" standardize each token's scores over all C chunks first
+    (`standardized_scores`), then take the max / mean over tokens.
     Returns [C] in the accumulation dtype.
     """
     if router_q.shape[0] == 0:
@@ -174,6 +191,11 @@ def chunk_scores(
         per_token = sim.amax(dim=-1)
     else:
         raise ValueError(f"unknown head_reduce {head_reduce!r}")
+    if query_reduce in STANDARDIZED_REDUCTIONS:
+        rows = per_token.double()
+        mean = rows.mean(dim=1)
+        z = standardized_scores(rows, mean, ((rows - mean[:, None]) ** 2).mean(dim=1).sqrt())
+        return (z.amax(dim=0) if query_reduce == "zmax" else z.mean(dim=0)).to(dtype)
     if query_reduce == "max":
         return per_token.amax(dim=0)
     if query_reduce == "mean":

@@ -229,6 +229,9 @@ class RoutingPlan:
     ) -> "RoutingPlan":
         if similarity not in ("dot", "cosine"):
             raise ValueError(f"unknown similarity {similarity!r}")
+        if query_reduce not in ("max", "mean", "last"):
+            raise ValueError(f"query_reduce {query_reduce!r}: the Triton routing scan reduces tokens by max, mean "
+                             "or last only (standardized reductions run on kernels 'torch')")
         q_start, q_count, token_slices, offsets = [], [], [], [0]
         for request in requests:
             num_tokens = request.router_q.shape[0]

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from sglang_msa import metrics
 from sglang_msa.config import MSAOptions, load_options
+from sglang_msa.kernels.reference import STANDARDIZED_REDUCTIONS, Similarity
 from sglang_msa.memory_manager import grants, protocol
 from sglang_msa.memory_manager.persistence import DocumentArchive, common_to_all_ranks
 from sglang_msa.memory_manager.sharding import MemoryShard
@@ -115,6 +116,27 @@ def _bypass_prefix_cache(req) -> None:
     req.skip_radix_cache_insert = True
 
 
+def check_standardized_routing(options: MSAOptions, device, shard: MemoryShard | None) -> None:
+    """Refuse `query_reduce` zmax / zmean where it is not implemented (ValueError naming the option)."""
+    if options.query_reduce not in STANDARDIZED_REDUCTIONS:
+        return
+    if options.kernel_path(device) == "triton":
+        raise ValueError(f"query_reduce {options.query_reduce!r} needs kernels 'torch': the Triton routing scan "
+                         "does not standardize scores")
+    if shard is not None:
+        raise ValueError(f"query_reduce {options.query_reduce!r} is not supported under --tp > 1 (Memory Parallel): "
+                         "a rank holds a shard of the router keys, and standardizing needs the whole memory's")
+
+
+def key_moments_similarity(options: MSAOptions) -> Similarity | None:
+    """The similarity whose router-key moments the store keeps: those of a standardized reduction
+    with a head mean (in closed form, `kernels.key_moments`); none otherwise (a head max takes its
+    moments from the scores)."""
+    if options.query_reduce not in STANDARDIZED_REDUCTIONS or options.head_reduce != "mean":
+        return None
+    return "dot" if options.similarity == "auto" else options.similarity
+
+
 class MemoryService:
     def __init__(self, options: MSAOptions, facts: ModelFacts, shard: MemoryShard | None = None):
         if facts.is_msa_checkpoint:
@@ -131,13 +153,16 @@ class MemoryService:
             self.adapter = load_adapter(options.router_adapter)
             self.adapter.check_model(facts.hidden_size, facts.num_layers)
             options = options_with_adapter(options, self.adapter, facts.num_layers)
+        check_standardized_routing(options, facts.kv_geometry.device if facts.kv_geometry is not None else "cpu",
+                                   shard)
         self.options = options
         self.facts = facts
         self.shard = shard
         self.routed_layers = options.routed_layer_ids(facts.num_layers)
         self.store = MemoryStore(int(options.memory_budget_mb * 2**20), options.chunk_size, self._open_archive(),
                                  host_budget_bytes=int(options.host_memory_budget_mb * 2**20),
-                                 router_key_format=options.router_key_format, shard=shard)
+                                 router_key_format=options.router_key_format, shard=shard,
+                                 key_moments_similarity=key_moments_similarity(options))
         self._pending: queue.Queue[tuple[bytes, Future]] = queue.Queue()  # rank 0, sharded: for the next step
         # rank 0, sharded: waiters of the batch being broadcast (one message at a time: the
         # control socket is REQ/REP, so its thread waits for each reply before the next message)

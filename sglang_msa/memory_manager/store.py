@@ -11,7 +11,11 @@ arrives *staged* (slots written, durable on disk, invisible to routing) and beco
 the server has recorded its acknowledgement (`publish`); an ingestion that fails or is aborted
 is discarded and its gid retired, so a request still under way for it can never stage it. The routing
 view of a memory (its documents in order, their chunk layout and key slots) is rebuilt lazily
-once per change, not per query; the keys themselves are read in place.
+once per change, not per query; the keys themselves are read in place. For standardized routing
+(`query_reduce` zmax / zmean) a memory also keeps, per routed layer, the moments of its published
+router keys (`kernels.key_moments.KeyMoments`): added when documents are published or restored,
+subtracted when they are removed, gone with the memory; derived from the stored keys, so they are
+rebuilt on restore and never written.
 
 Under tensor parallelism (`sharding.MemoryShard`) every rank's store holds every document's
 content in the rank's own KV heads, and the router keys (all heads) of the documents it routes:
@@ -31,7 +35,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from sglang_msa.kernels.reference import ChunkLayout, chunk_layout
+from sglang_msa.kernels.key_moments import KeyMoments
+from sglang_msa.kernels.reference import ChunkLayout, Similarity, chunk_layout
 from sglang_msa.kernels.routing_scan import RouterKeyTable
 from sglang_msa.memory_manager.sharding import MemoryShard
 from sglang_msa.memory_manager.tiers import DocumentSlots, MemorySlots, Placement, SlotLayout, SlotsExhausted
@@ -66,6 +71,7 @@ class LayerTensors:
 
 
 LAYER_TENSOR_NAMES = tuple(f.name for f in fields(LayerTensors))
+MOMENTS_BLOCK_CHUNKS = 65536  # router keys read at once to update a memory's key moments
 ROUTER_KEY_NAMES = ("router_k", "router_k_scale")
 
 
@@ -111,6 +117,11 @@ class RoutingView:
     def router_keys(self) -> torch.Tensor:
         return self.keys_and_scales()[0]
 
+    @property
+    def key_moments(self) -> KeyMoments | None:
+        """The moments of this view's router keys in its layer, when the store keeps them."""
+        return self._index.key_moments.get(self._layer)
+
     def read_keys(self, start: int, end: int) -> torch.Tensor:
         """The router keys of chunks start..end-1 as the CPU path scores them (float8 keys times
         their scales), read through the slots of those chunks only."""
@@ -134,6 +145,7 @@ class _MemoryIndex:
     gids: list[int]
     layout: ChunkLayout
     key_slots: torch.Tensor  # [C] int64 on the host
+    key_moments: dict[int, KeyMoments]  # per layer, when the store keeps them (else empty)
     _device_maps: dict = field(default_factory=dict)
 
     def device_maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,6 +166,9 @@ class Memory:
     documents: dict[int, DocumentSlots] = field(default_factory=dict)  # published: routing selects them
     staged: dict[int, DocumentSlots] = field(default_factory=dict)  # stored, acknowledgement not yet recorded
     retired: set[int] = field(default_factory=set)  # gids discarded or removed: never staged again
+    # per layer, of the published router keys this rank holds, when the store keeps them; replaced,
+    # never changed in place, so that a routing view keeps the moments of its version
+    key_moments: dict[int, KeyMoments] = field(default_factory=dict)
     version: int = 0
     _index: _MemoryIndex | None = None
     _index_version: int = -1
@@ -186,12 +201,15 @@ class DurableBacking(Protocol):
 
 class MemoryStore:
     """Memories of one scheduler: their documents' slots in `MemorySlots` (created with the first
-    document, whose shapes they take), their owners and placements."""
+    document, whose shapes they take), their owners and placements. `key_moments_similarity`: keep
+    each memory's router-key moments as this similarity scores the keys (standardized routing), or
+    None."""
 
     def __init__(self, budget_bytes: int, chunk_size: int, backing: DurableBacking | None = None,
                  host_budget_bytes: int = 0, router_key_format: str | None = None,
-                 shard: MemoryShard | None = None):
+                 shard: MemoryShard | None = None, key_moments_similarity: Similarity | None = None):
         self.budget_bytes = budget_bytes
+        self.key_moments_similarity = key_moments_similarity
         self.shard = shard
         self._routed_chunks = [0] * (shard.size if shard is not None else 1)  # router-key chunks per rank
         self.host_budget_bytes = host_budget_bytes
@@ -244,6 +262,7 @@ class MemoryStore:
             memory.retired.add(gid)
             doc = memory.documents.pop(gid, None)
             if doc is not None:
+                self._change_moments(memory, [doc], KeyMoments.minus)
                 memory.version += 1
             else:
                 doc = memory.staged.pop(gid, None)
@@ -263,6 +282,7 @@ class MemoryStore:
             for gid in published:
                 memory.documents[gid] = memory.staged.pop(gid)
             if published:
+                self._change_moments(memory, [memory.documents[gid] for gid in published], KeyMoments.plus)
                 memory.version += 1
             return published
 
@@ -338,6 +358,8 @@ class MemoryStore:
                             f"memory_budget_mb / host_memory_budget_mb", 507) from exc
                     self._write(memory, placed, doc)
                     memory.documents[doc.gid] = placed
+                self._change_moments(memory, [memory.documents[doc.gid] for doc in archived.documents],
+                                     KeyMoments.plus)
                 memory.version += 1
 
     def reserve(self, layout: SlotLayout) -> None:
@@ -384,6 +406,30 @@ class MemoryStore:
         self._routed_chunks[placed.router_rank] += placed.num_chunks
         for tier, size in self.slots.nbytes(placed).items():
             self._used_bytes[tier] += size
+
+    def _change_moments(self, memory: Memory, docs: list[DocumentSlots], change) -> None:
+        """Add (`change` = `KeyMoments.plus`) or subtract (`KeyMoments.minus`) the router-key
+        moments of `docs` (those whose keys this rank holds) to the memory's, in every layer."""
+        docs = [doc for doc in docs if doc.holds_keys]
+        if self.key_moments_similarity is None or not docs:
+            return
+        key_slots = torch.cat([doc.key_slots for doc in docs])
+        updated = {}
+        for layer in self.slots.layout.layers:
+            moments, current = self._moments_of_keys(layer, key_slots), memory.key_moments.get(layer)
+            updated[layer] = moments if current is None else change(current, moments)
+        memory.key_moments = updated
+
+    def _moments_of_keys(self, layer: int, key_slots: torch.Tensor) -> KeyMoments:
+        """The moments of the router keys at `key_slots` in `layer` (float8 ones dequantized),
+        read in blocks so that a restored memory of any size is never copied whole in float64."""
+        total = None
+        for start in range(0, key_slots.numel(), MOMENTS_BLOCK_CHUNKS):
+            keys, scales = self.slots.read_keys(layer, key_slots[start : start + MOMENTS_BLOCK_CHUNKS])
+            keys = keys if scales is None else keys.float() * scales.unsqueeze(-1)
+            part = KeyMoments.of_keys(keys, self.key_moments_similarity)
+            total = part if total is None else total.plus(part)
+        return total
 
     def _forget(self, doc: DocumentSlots) -> None:
         """A document left its memory: no rank routes it any more; its slots go when unpinned."""
@@ -446,6 +492,7 @@ class MemoryStore:
                 memory._index = _MemoryIndex(
                     gids=gids, layout=chunk_layout([doc.num_tokens for doc in docs], self.chunk_size),
                     key_slots=torch.cat([doc.key_slots for doc in docs]) if docs else torch.zeros(0, dtype=torch.int64),
+                    key_moments=memory.key_moments,
                 )
                 memory._index_version = memory.version
             return RoutingView(memory._index, layer_id, self.slots)
