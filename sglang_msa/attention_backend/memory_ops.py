@@ -7,7 +7,7 @@ import logging
 import torch
 
 from sglang_msa.config import MSAOptions
-from sglang_msa.kernels import pooling, reference as ref, routing_scan, routing_torch
+from sglang_msa.kernels import attention_torch, pooling, reference as ref, routing_scan, routing_torch
 from sglang_msa.memory_manager.requests import DocScores, IngestState, LayerSelection, SlotRows
 from sglang_msa.memory_manager.sharding import MemoryShard
 from sglang_msa.memory_manager.store import LayerTensors, MemoryOperationError, MemoryStore, RoutingView, StoredDocument
@@ -223,4 +223,4 @@ def attend(
         local_k=context_k[template_tokens:], local_v=context_v[template_tokens:],
         scale=scale,
     )
-    return ref.msa_attention_split(inputs)
+    return attention_torch.msa_attention_split(inputs)

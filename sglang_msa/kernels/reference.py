@@ -262,7 +262,7 @@ def selected_chunk_indices(selected_docs: torch.Tensor, layout: ChunkLayout) -> 
 # --------------------------------------------------------------------------------------------
 # Attention over [template prefix ; selected memory ; local causal context]
 # --------------------------------------------------------------------------------------------
-def _visibility_mask(num_q: int, num_prefix: int, num_memory: int, num_local: int) -> torch.Tensor:
+def visibility_mask(num_q: int, num_prefix: int, num_memory: int, num_local: int) -> torch.Tensor:
     """[num_q, prefix + memory + local] bool mask.
 
     The queries are the last num_q of the num_local local tokens. Every query sees the whole
@@ -333,7 +333,7 @@ def msa_attention(inputs: AttentionInputs) -> torch.Tensor:
     """One joint softmax over [prefix ; memory ; local(causal)]. Returns [T, H, dv]."""
     k = torch.cat([inputs.prefix_k, inputs.memory_k, inputs.local_k])
     v = torch.cat([inputs.prefix_v, inputs.memory_v, inputs.local_v])
-    mask = _visibility_mask(
+    mask = visibility_mask(
         inputs.q.shape[0], inputs.prefix_k.shape[0], inputs.memory_k.shape[0], inputs.local_k.shape[0]
     )
     out, _ = partial_attention(inputs.q, k, v, mask, inputs.scale)
@@ -351,7 +351,7 @@ def msa_attention_split(inputs: AttentionInputs) -> torch.Tensor:
     out_mem, lse_mem = partial_attention(
         inputs.q, inputs.memory_k, inputs.memory_v, memory_mask, inputs.scale
     )
-    context_mask = _visibility_mask(num_q, inputs.prefix_k.shape[0], 0, inputs.local_k.shape[0])
+    context_mask = visibility_mask(num_q, inputs.prefix_k.shape[0], 0, inputs.local_k.shape[0])
     out_ctx, lse_ctx = partial_attention(
         inputs.q,
         torch.cat([inputs.prefix_k, inputs.local_k]),
