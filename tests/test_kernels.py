@@ -16,7 +16,7 @@ CHECKS = Path(__file__).with_name("kernel_checks")
 
 # check script -> the number of cases it must report ok
 CASES = {
-    "routing_scan_check.py": 4 * 3 * 2 * 2 * 3 * 2 + 4 * 3 * 6,  # + reading keys through pool slots
+    "routing_scan_check.py": 5 * 3 * 2 * 2 * 3 * 2 + 5 * 3 * 6,  # + reading keys through pool slots
     "indexed_attention_check.py": 4 * 2 * 2,
     "pooling_check.py": 4 * 2,
     "selection_gather_check.py": 3 * 2,  # device- and host-tier memories, read through the store
