@@ -41,7 +41,8 @@ def run_case(case: dict) -> dict:
         return {"msa_config_env": os.environ.get("SGLANG_MSA_CONFIG")}
     server_args.resolve_once()
     view = resolved_view(server_args)
-    return {"cuda_graphs": [str(view.cuda_graph_config.decode.backend), str(view.cuda_graph_config.prefill.backend)],
+    graphs = view.cuda_graph_config
+    return {"cuda_graphs": [str(graphs.decode.backend), str(graphs.prefill.backend)],
             "prefill_decode_interval": str(view.prefill_decode_interval)}
 
 

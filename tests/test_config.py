@@ -112,7 +112,8 @@ def test_memory_budget_is_taken_out_of_sglangs_static_fraction():
 
 
 def prepare_case(msa_config: str) -> dict:
-    return {"kind": "prepare", "args": ["--model-path", "x", "--attention-backend", "msa", "--msa-config", msa_config]}
+    return {"kind": "prepare",
+            "args": ["--model-path", "x", "--attention-backend", "msa", "--msa-config", msa_config]}
 
 
 # Run in one fresh interpreter for the whole session (conftest.py, server_args_runner.py).

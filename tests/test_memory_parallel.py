@@ -101,12 +101,13 @@ def worker(rank: int, world: int, port: int, cases: list[dict], results: dict):
             shard = MemoryShard(rank=rank, size=world, device_group=group, cpu_group=group)
             options = MSAOptions(**case["options"])
             backing = RecordingBacking(fail_gid=case.get("fail_write", {}).get(rank))
-            store = MemoryStore(case["budgets"][rank], CHUNK, backing, router_key_format=options.router_key_format,
-                                shard=shard)
+            store = MemoryStore(case["budgets"][rank], CHUNK, backing,
+                                router_key_format=options.router_key_format, shard=shard)
             store.create("m")
             refusals = commit_all(store, token_tensors(7, case["docs"]), case, rank, world, shard)
             stats = store.stats("m")
-            results[index, rank] = (route_all(store, options, rank, world, shard), refusals, stats, backing.files)
+            routed = route_all(store, options, rank, world, shard)
+            results[index, rank] = (routed, refusals, stats, backing.files)
     finally:
         dist.destroy_process_group()
 

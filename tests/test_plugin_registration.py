@@ -49,10 +49,11 @@ REFUSAL_CASES = {("--dp", "2"): "--dp 2 is not supported", ("--pp-size", "2"): "
                  ("--tp", "2"): None, ("--tp", "2", "--msa-memory-dir", "/tmp/sglang-msa-unused"): None}
 SERVER_ARGS_CASES = {
     "cli": {"kind": "parse", "args": ["--model-path", "x", "--attention-backend", "msa"]},
-    **{f"cuda-graphs {backend}": resolve_case("--attention-backend", backend) for backend in ("msa", "triton")},
+    **{f"cuda-graphs {name}": resolve_case("--attention-backend", name) for name in ("msa", "triton")},
     **{f"interval {' '.join(args)}": resolve_case("--attention-backend", args[0], *args[1:])
        for args in PREFILL_DECODE_CASES},
-    **{f"refusal {' '.join(args)}": resolve_case("--attention-backend", "msa", *args) for args in REFUSAL_CASES},
+    **{f"refusal {' '.join(args)}": resolve_case("--attention-backend", "msa", *args)
+       for args in REFUSAL_CASES},
 }
 
 
@@ -69,7 +70,8 @@ def test_cli_accepts_msa_only_through_the_plugin(server_args):
 
 def test_msa_resolves_cuda_graphs_off(server_args):
     """SGLang keeps decode CUDA graphs on for unknown backends; the plugin turns them off for msa."""
-    outputs = {backend: resolved(server_args, f"cuda-graphs {backend}")["cuda_graphs"] for backend in ("msa", "triton")}
+    outputs = {name: resolved(server_args, f"cuda-graphs {name}")["cuda_graphs"]
+               for name in ("msa", "triton")}
     assert outputs["msa"] == ["disabled", "disabled"]
     assert outputs["triton"][0] != "disabled"  # the hook touches msa only
 
