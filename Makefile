@@ -20,7 +20,7 @@ else
 RUN_ENV := SGLANG_USE_CPU_ENGINE=1
 endif
 
-.PHONY: install test demo lint clean
+.PHONY: install test check lint demo clean
 
 install: $(INSTALLED)
 
@@ -42,6 +42,14 @@ endif
 
 test: install
 	$(RUN_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast lane: every test but those marked `server` (no SGLang server or engine is started).
+check: install
+	$(RUN_ENV) $(PY) -m pytest -m "not server" $(PYTEST_ARGS)
+
+# ruff (pinned in ci/test-requirements.txt) with the rules of pyproject.toml's [tool.ruff.lint].
+lint: install
+	$(VENV)/bin/ruff check .
 
 demo: install
 	$(RUN_ENV) $(PY) -m sglang_msa.demo

@@ -1,6 +1,8 @@
-"""Run token prompts through `sglang.Engine` in a fresh process; print greedy output ids as JSON.
+"""Run token prompts through `sglang.Engine` in a fresh process, one engine after another in the
+same interpreter; print each one's greedy output ids as JSON.
 
-Usage: python engine_runner.py MODEL_DIR BACKEND MAX_NEW_TOKENS 'JSON list of input-id lists'
+Usage: python engine_runner.py BACKEND MAX_NEW_TOKENS 'JSON {name: [model_dir, list of input-id lists]}'
+(prints the JSON {name: {"attention_backend", "output_ids"}} last)
 (The Engine spawns processes, so it runs here under a __main__ guard, not inside pytest.)
 """
 
@@ -10,11 +12,9 @@ import json
 import sys
 
 
-def main() -> None:
+def greedy(model_dir: str, backend: str, max_new_tokens: int, input_ids: list[list[int]]) -> dict:
     import sglang
 
-    model_dir, backend, max_new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    input_ids = json.loads(sys.argv[4])
     engine = sglang.Engine(
         model_path=model_dir,
         attention_backend=backend,
@@ -25,12 +25,17 @@ def main() -> None:
     try:
         params = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}
         outputs = engine.generate(input_ids=input_ids, sampling_params=params)
-        print(json.dumps({
-            "attention_backend": engine.server_args.attention_backend,
-            "output_ids": [out["output_ids"] for out in outputs],
-        }))
+        return {"attention_backend": engine.server_args.attention_backend,
+                "output_ids": [out["output_ids"] for out in outputs]}
     finally:
         engine.shutdown()
+
+
+def main() -> None:
+    backend, max_new_tokens = sys.argv[1], int(sys.argv[2])
+    runs = json.loads(sys.argv[3])
+    print(json.dumps({name: greedy(model_dir, backend, max_new_tokens, input_ids)
+                      for name, (model_dir, input_ids) in runs.items()}))
 
 
 if __name__ == "__main__":

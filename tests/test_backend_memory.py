@@ -30,9 +30,10 @@ MEMORY = "tenant-a/mem"
 
 @pytest.fixture(scope="module")
 def parts():
-    from sglang.srt.layers.radix_attention import RadixAttention
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+    # the imported names are returned through locals()
+    from sglang.srt.layers.radix_attention import RadixAttention  # noqa: F401
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: F401
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode  # noqa: F401
     from sglang.srt.plugins import load_plugins
 
     load_plugins()

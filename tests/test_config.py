@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 from pydantic import ValidationError
@@ -114,17 +111,17 @@ def test_memory_budget_is_taken_out_of_sglangs_static_fraction():
         reserved_mem_fraction(0.5, 60 * 2**30, 80 * 2**30)
 
 
-def test_msa_config_flag_is_validated_at_startup():
-    code = (
-        "from sglang.srt.plugins import load_plugins; load_plugins();"
-        "import os; from sglang.srt.server_args import prepare_server_args;"
-        "prepare_server_args(['--model-path', 'x', '--attention-backend', 'msa', '--msa-config', os.environ['CFG']]);"
-        "print(os.environ['SGLANG_MSA_CONFIG'])"
-    )
-    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                        env={**os.environ, "CFG": '{"top_k_docs": 3}'})
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert json.loads(ok.stdout.strip().splitlines()[-1]) == {"top_k_docs": 3}
-    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "CFG": '{"top_k_docs": -1}'})
-    assert bad.returncode != 0 and "top_k_docs" in bad.stderr
+def prepare_case(msa_config: str) -> dict:
+    return {"kind": "prepare",
+            "args": ["--model-path", "x", "--attention-backend", "msa", "--msa-config", msa_config]}
+
+
+# Run in one fresh interpreter for the whole session (conftest.py, server_args_runner.py).
+SERVER_ARGS_CASES = {"ok": prepare_case('{"top_k_docs": 3}'), "bad": prepare_case('{"top_k_docs": -1}')}
+
+
+def test_msa_config_flag_is_validated_at_startup(server_args):
+    ok, bad = server_args["ok"], server_args["bad"]
+    assert "error" not in ok, ok.get("error", "")[-2000:]
+    assert json.loads(ok["msa_config_env"]) == {"top_k_docs": 3}
+    assert "top_k_docs" in bad.get("error", ""), bad

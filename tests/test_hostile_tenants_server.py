@@ -126,7 +126,7 @@ def test_keys_scope_every_memory_operation(server):
     assert call("GET", f"{memories}/alpha-notes", ALPHA).json()["documents"] == 1  # nothing planted
 
 
-def memory_key_on_disk(server: Server, memory_id: str, owner: str) -> str:
+def memory_key_on_disk(server: TenantServer, memory_id: str, owner: str) -> str:
     """What an attacker with read access to the memory directory could learn: a memory's key."""
     for description in (server.root / "memories" / "tensors").glob("*/memory.json"):
         found = json.loads(description.read_text())

@@ -7,6 +7,7 @@ on both; a rank whose shard is empty still takes part."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -89,21 +90,24 @@ class RecordingBacking:
         self.files.pop(gid, None)
 
 
-def worker(rank: int, world: int, port: int, case: dict, results: dict):
+def worker(rank: int, world: int, port: int, cases: list[dict], results: dict):
+    """Every case in turn on one process group (a fresh store per case): one world for the module."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         group = dist.group.WORLD
-        shard = MemoryShard(rank=rank, size=world, device_group=group, cpu_group=group)
-        options = MSAOptions(**case["options"])
-        backing = RecordingBacking(fail_gid=case.get("fail_write", {}).get(rank))
-        store = MemoryStore(case["budgets"][rank], CHUNK, backing, router_key_format=options.router_key_format,
-                            shard=shard)
-        store.create("m")
-        refusals = commit_all(store, token_tensors(7, case["docs"]), case, rank, world, shard)
-        stats = store.stats("m")
-        results[rank] = (route_all(store, options, rank, world, shard), refusals, stats, backing.files)
+        for index, case in enumerate(cases):
+            shard = MemoryShard(rank=rank, size=world, device_group=group, cpu_group=group)
+            options = MSAOptions(**case["options"])
+            backing = RecordingBacking(fail_gid=case.get("fail_write", {}).get(rank))
+            store = MemoryStore(case["budgets"][rank], CHUNK, backing,
+                                router_key_format=options.router_key_format, shard=shard)
+            store.create("m")
+            refusals = commit_all(store, token_tensors(7, case["docs"]), case, rank, world, shard)
+            stats = store.stats("m")
+            routed = route_all(store, options, rank, world, shard)
+            results[index, rank] = (routed, refusals, stats, backing.files)
     finally:
         dist.destroy_process_group()
 
@@ -116,10 +120,13 @@ def single_device(case: dict) -> dict:
     return route_all(store, options, 0, 1, None)
 
 
-def run_world(case: dict) -> dict:
-    results = mp.Manager().dict()
-    mp.spawn(worker, args=(2, free_port(), case, results), nprocs=2, join=True)
-    return dict(results)
+def run_worlds(cases: list[dict]) -> list[dict]:
+    """Each case's results per rank; the two ranks are spawned once for all the cases (every
+    spawned process imports torch and the plugin: most of this module's time)."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(2, free_port(), cases, results), nprocs=2, join=True)
+        return [{rank: results[index, rank] for rank in (0, 1)} for index in range(len(cases))]
 
 
 def check_parity(case: dict, results: dict) -> None:
@@ -147,12 +154,21 @@ CASES = [
     {"options": pooled(), "docs": 12, "training_free": True},  # routed on the pooled keys
     {"options": pooled(), "docs": 1},  # one document: rank 1 routes none
 ]
+PARITY_CASES = [{**case, "budgets": [BIG, BIG]} for case in CASES]
+# rank 1's budget holds 10 chunks (256 B each: 2 layers of a 2-head router key and 1-head K̄, V̄):
+# the first 4 documents; every later one is refused by both ranks
+HOLD_CASE = {"options": pooled(), "docs": 12, "budgets": [BIG, 2560]}
+WRITE_CASE = {"options": pooled(), "docs": 12, "budgets": [BIG, BIG], "fail_write": {1: 30}}
 
 
-def test_two_ranks_equal_one_device():
-    for case in CASES:
-        case = {**case, "budgets": [BIG, BIG]}
-        results = run_world(case)
+@pytest.fixture(scope="module")
+def worlds() -> list[dict]:
+    """The results of PARITY_CASES, then HOLD_CASE, then WRITE_CASE."""
+    return run_worlds([*PARITY_CASES, HOLD_CASE, WRITE_CASE])
+
+
+def test_two_ranks_equal_one_device(worlds):
+    for case, results in zip(PARITY_CASES, worlds):
         per_rank = [results[rank][2]["routed_documents"] for rank in (0, 1)]
         assert sum(per_rank) == case["docs"]  # every document routed by exactly one rank
         if case["docs"] > 1:
@@ -162,11 +178,8 @@ def test_two_ranks_equal_one_device():
         check_parity(case, results)
 
 
-def test_a_document_one_rank_cannot_hold_is_refused_on_both():
-    # rank 1's budget holds 10 chunks (256 B each: 2 layers of a 2-head router key and 1-head K̄, V̄):
-    # the first 4 documents; every later one is refused by both ranks
-    case = {"options": pooled(), "docs": 12, "budgets": [BIG, 2560]}
-    results = run_world(case)
+def test_a_document_one_rank_cannot_hold_is_refused_on_both(worlds):
+    case, results = HOLD_CASE, worlds[len(PARITY_CASES)]
     refusals = [results[rank][1] for rank in (0, 1)]
     assert len(refusals[0]) == len(refusals[1]) == 8
     assert "another tensor-parallel rank" in refusals[0][0] and "memory budget exhausted" in refusals[1][0]
@@ -174,9 +187,8 @@ def test_a_document_one_rank_cannot_hold_is_refused_on_both():
     assert sum(results[rank][2]["routed_documents"] for rank in (0, 1)) == results[0][2]["documents"]
 
 
-def test_a_document_one_rank_cannot_write_is_refused_on_both():
-    case = {"options": pooled(), "docs": 12, "budgets": [BIG, BIG], "fail_write": {1: 30}}
-    results = run_world(case)
+def test_a_document_one_rank_cannot_write_is_refused_on_both(worlds):
+    results = worlds[len(PARITY_CASES) + 1]
     for rank in (0, 1):
         _, refusals, stats, files = results[rank]
         assert len(refusals) == 1 and "could not be written" in refusals[0]

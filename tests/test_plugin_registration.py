@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import subprocess
-import sys
 
 
 def test_entry_point_is_declared():
@@ -40,78 +38,60 @@ def test_load_plugins_registers_msa_idempotently():
     assert ATTENTION_BACKEND_CHOICES.count("msa") == 1
 
 
-def test_cli_accepts_msa_only_through_the_plugin():
+def resolve_case(*args: str) -> dict:
+    return {"kind": "resolve", "args": ["--model-path", "{tiny_llama}", "--device", "cpu", *args]}
+
+
+# Resolved in one fresh interpreter for the whole session (conftest.py, server_args_runner.py).
+PREFILL_DECODE_CASES = {("msa",): "1", ("msa", "--prefill-decode-interval", "0"): "0",
+                        ("msa", "--prefill-decode-interval", "4"): "4", ("triton",): "0"}
+REFUSAL_CASES = {("--dp", "2"): "--dp 2 is not supported", ("--pp-size", "2"): "--pp-size 2 is not supported",
+                 ("--tp", "2"): None, ("--tp", "2", "--msa-memory-dir", "/tmp/sglang-msa-unused"): None}
+SERVER_ARGS_CASES = {
+    "cli": {"kind": "parse", "args": ["--model-path", "x", "--attention-backend", "msa"]},
+    **{f"cuda-graphs {name}": resolve_case("--attention-backend", name) for name in ("msa", "triton")},
+    **{f"interval {' '.join(args)}": resolve_case("--attention-backend", args[0], *args[1:])
+       for args in PREFILL_DECODE_CASES},
+    **{f"refusal {' '.join(args)}": resolve_case("--attention-backend", "msa", *args)
+       for args in REFUSAL_CASES},
+}
+
+
+def resolved(server_args: dict, name: str) -> dict:
+    outputs = server_args[name]
+    assert "error" not in outputs, outputs.get("error", "")[-2000:]
+    return outputs
+
+
+def test_cli_accepts_msa_only_through_the_plugin(server_args):
     """`--attention-backend msa` parses with the plugin loaded (a fresh process, as SGLang runs it)."""
-    code = (
-        "from sglang.srt.plugins import load_plugins; load_plugins();"
-        "import argparse; from sglang.srt.server_args import ServerArgs;"
-        "p = argparse.ArgumentParser(); ServerArgs.add_cli_args(p);"
-        "a = p.parse_args(['--model-path', 'x', '--attention-backend', 'msa']);"
-        "print(a.attention_backend)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "msa"
+    assert resolved(server_args, "cli")["attention_backend"] == "msa"
 
 
-def test_msa_resolves_cuda_graphs_off(tiny_llama):
+def test_msa_resolves_cuda_graphs_off(server_args):
     """SGLang keeps decode CUDA graphs on for unknown backends; the plugin turns them off for msa."""
-    code = (
-        "import sys; from sglang.srt.plugins import load_plugins; load_plugins();"
-        "from sglang.srt.server_args import prepare_server_args;"
-        "from sglang.srt.arg_groups.overrides import resolved_view;"
-        "sa = prepare_server_args(['--model-path', sys.argv[1], '--attention-backend', sys.argv[2], '--device', 'cpu']);"
-        "sa.resolve_once(); cfg = resolved_view(sa).cuda_graph_config;"
-        "print(cfg.decode.backend, cfg.prefill.backend)"
-    )
-    outputs = {}
-    for backend in ("msa", "triton"):
-        result = subprocess.run(
-            [sys.executable, "-c", code, str(tiny_llama), backend], capture_output=True, text=True, timeout=180
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-        outputs[backend] = result.stdout.strip().splitlines()[-1].split()
+    outputs = {name: resolved(server_args, f"cuda-graphs {name}")["cuda_graphs"]
+               for name in ("msa", "triton")}
     assert outputs["msa"] == ["disabled", "disabled"]
     assert outputs["triton"][0] != "disabled"  # the hook touches msa only
 
 
-def test_msa_decodes_between_prefills_unless_told_otherwise(tiny_llama):
+def test_msa_decodes_between_prefills_unless_told_otherwise(server_args):
     """A stream of ingestions (prefills) must not starve running queries' decode: for msa the
     plugin resolves --prefill-decode-interval to 1 when the user left it unset, and keeps the
     user's value otherwise; other backends keep SGLang's default (0)."""
-    code = (
-        "import sys; from sglang.srt.plugins import load_plugins; load_plugins();"
-        "from sglang.srt.server_args import prepare_server_args;"
-        "from sglang.srt.arg_groups.overrides import resolved_view;"
-        "sa = prepare_server_args(['--model-path', sys.argv[1], '--attention-backend', sys.argv[2], '--device', 'cpu']"
-        " + sys.argv[3:]);"
-        "sa.resolve_once(); print(resolved_view(sa).prefill_decode_interval)"
-    )
-    cases = {("msa",): "1", ("msa", "--prefill-decode-interval", "0"): "0",
-             ("msa", "--prefill-decode-interval", "4"): "4", ("triton",): "0"}
-    for args, expected in cases.items():
-        result = subprocess.run([sys.executable, "-c", code, str(tiny_llama), *args], capture_output=True, text=True,
-                                timeout=180)
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert result.stdout.strip().splitlines()[-1] == expected, (args, result.stdout[-500:])
+    for args, expected in PREFILL_DECODE_CASES.items():
+        outputs = resolved(server_args, f"interval {' '.join(args)}")
+        assert outputs["prefill_decode_interval"] == expected, (args, outputs)
 
 
-def test_msa_refuses_what_memory_parallel_does_not_cover_with_a_clear_message(tiny_llama):
+def test_msa_refuses_what_memory_parallel_does_not_cover_with_a_clear_message(server_args):
     """Memories shard over the tensor-parallel group only: --dp 2 and --pp-size 2 are refused at
     start-up naming the flag (instead of failing later in a scheduler); --tp 2, with or without a
     memory directory, resolves."""
-    code = (
-        "import sys; from sglang.srt.plugins import load_plugins; load_plugins();"
-        "from sglang.srt.server_args import prepare_server_args;"
-        "sa = prepare_server_args(['--model-path', sys.argv[1], '--attention-backend', 'msa', '--device', 'cpu']"
-        " + sys.argv[2:]); sa.resolve_once(); print('resolved')"
-    )
-    cases = {("--dp", "2"): "--dp 2 is not supported", ("--pp-size", "2"): "--pp-size 2 is not supported",
-             ("--tp", "2"): None, ("--tp", "2", "--msa-memory-dir", "/tmp/sglang-msa-unused"): None}
-    for args, refusal in cases.items():
-        result = subprocess.run([sys.executable, "-c", code, str(tiny_llama), *args], capture_output=True,
-                                text=True, timeout=180)
+    for args, refusal in REFUSAL_CASES.items():
+        outputs = server_args[f"refusal {' '.join(args)}"]
         if refusal is None:
-            assert result.returncode == 0 and "resolved" in result.stdout, result.stderr[-1500:]
+            assert "error" not in outputs, (args, outputs.get("error", "")[-1500:])
         else:
-            assert result.returncode != 0 and refusal in result.stderr, (args, result.stderr[-1500:])
+            assert refusal in outputs.get("error", ""), (args, outputs)

@@ -1,16 +1,20 @@
-"""The HTTP server with --attention-backend msa answers like torch_native (no memory attached).
+"""The HTTP server with --attention-backend msa answers like torch_native and HF transformers (no
+memory attached).
 
-Covers `sglang serve`, the native /generate endpoint, the OpenAI-compatible chat endpoint, and a
-frontend-DSL program (RuntimeEndpoint + sgl.gen/select). test_server_launchers.py covers
-`python -m sglang.launch_server`.
+The msa server here is started with `python -m sglang.launch_server` (every other server test
+uses `sglang serve`: both launchers load the plugin), torch_native's with `sglang serve`. Covers
+the native /generate endpoint, the OpenAI-compatible chat endpoint, and a frontend-DSL program
+(RuntimeEndpoint + sgl.gen/select).
 """
 
 from __future__ import annotations
 
 import pytest
 import requests
+from transformers import AutoTokenizer
 
 from sglang_msa.server_process import start_server
+from tiny_models import hf_greedy
 
 pytestmark = pytest.mark.server
 
@@ -21,9 +25,12 @@ PROMPTS = ["The capital of France is", "Here we go. There and", "One of the spec
 @pytest.fixture(scope="module")
 def servers(tiny_llama, tmp_path_factory):
     logs = tmp_path_factory.mktemp("server-logs")
-    with start_server(tiny_llama, "msa", extra_args=SERVER_ARGS, log_path=logs / "msa.log") as msa, \
+    # msa first, so that no other server is running while it starts (idle servers share the cores)
+    with start_server(tiny_llama, "msa", launcher="launch_server", extra_args=SERVER_ARGS,
+                      log_path=logs / "msa.log") as msa, \
             start_server(tiny_llama, "torch_native", extra_args=SERVER_ARGS, log_path=logs / "native.log") as native:
-        print(f"\nstart-up: msa {msa.started_in_s:.1f}s, torch_native {native.started_in_s:.1f}s")
+        print(f"\nstart-up: msa (python -m sglang.launch_server) {msa.started_in_s:.1f}s, "
+              f"torch_native (sglang serve) {native.started_in_s:.1f}s")
         yield {"msa": msa, "torch_native": native}
 
 
@@ -50,6 +57,17 @@ def chat(base_url: str, content: str) -> str:
 def test_server_reports_the_msa_backend(servers):
     info = requests.get(f"{servers['msa'].base_url}/get_server_info", timeout=10).json()
     assert info["attention_backend"] == "msa"
+
+
+def test_launch_server_module_starts_with_msa_and_answers_like_hf(servers, tiny_llama):
+    prompt_ids = AutoTokenizer.from_pretrained(tiny_llama)("The capital of France is").input_ids
+    response = requests.post(
+        f"{servers['msa'].base_url}/generate",
+        json={"input_ids": prompt_ids, "sampling_params": {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}},
+        timeout=60,
+    )
+    response.raise_for_status()
+    assert response.json()["output_ids"] == hf_greedy(tiny_llama, [prompt_ids], 10)[0]
 
 
 def test_generate_matches_torch_native(servers):
