@@ -12,14 +12,11 @@ import requests
 from sglang_msa.models.text_router import SentenceEncoder
 from sglang_msa.server_process import start_server
 
+from room_notes import DOCUMENTS, QUESTION
+
 pytestmark = pytest.mark.server
 
 CHUNK, TOP_K = 8, 3
-DOCUMENTS = [f"Note {i}: the {word} is kept in room {i * 37 % 100} near the {other} shelf."
-             for i, (word, other) in enumerate(zip(
-                 ["lamp", "clock", "violin", "kettle", "map", "anchor", "ledger", "compass", "basket", "mirror"],
-                 ["north", "green", "tall", "old", "west", "blue", "low", "east", "small", "red"]))]
-QUESTION = "Where is the violin kept?"
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,6 @@ class MSAAttnBackend(TorchNativeAttnBackend):
         self.adapter = self.service.adapter
         if self.adapter is not None:
             self.adapter = self.adapter.to(model_runner.device, torch.float32)
-        self.external_router = self.service.external_router
         if self.service.own_router_geometry is not None:  # router queries of every head, not this rank's
             self.route = memory_ops.route if self.shard is None else functools.partial(
                 memory_ops.route_sharded, shard=self.shard, queries_whole=True)
@@ -140,7 +139,7 @@ class MSAAttnBackend(TorchNativeAttnBackend):
         embedding of the routing text made at admission."""
         state = request.state
         if state.text_query is not None:
-            return state.text_query.to(q.device)
+            return state.text_query
         rows = slice(request.token_start, request.token_start + request.num_new)
         heads = self.adapter.query_heads if self.adapter is not None else layer.tp_q_head_num
         queries = (q if router_q is None else router_q)[rows].view(request.num_new, heads, -1)
@@ -169,7 +168,6 @@ class MSAAttnBackend(TorchNativeAttnBackend):
             if request.seq_len != state.num_tokens:
                 continue  # a chunked prefill that has not reached the document's end yet
             slots = req_to_token[request.row, : request.seq_len].long()
-            chunk_keys = state.text_chunk_keys
             state.pooled[layer.layer_id] = memory_ops.pool_document(
                 key_buffer[slots], value_buffer[slots], options.chunk_size,
                 keep_full=options.memory_content == "full",
@@ -177,7 +175,7 @@ class MSAAttnBackend(TorchNativeAttnBackend):
                 kernels=self.kernels, router_key_format=options.router_key_format,
                 shard=self.shard if self.service.own_router_geometry is None else None,
                 exclude_sink=self.service.exclude_sink,
-                pooled_router_keys=None if chunk_keys is None else chunk_keys.to(key_buffer.device, key_buffer.dtype),
+                pooled_router_keys=state.text_chunk_keys,
             )
             if layer.layer_id == self.last_routed_layer:
                 memory_ops.stage_ingestion(self.service.store, state)

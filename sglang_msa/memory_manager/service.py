@@ -76,6 +76,11 @@ class ModelFacts:
     def is_msa_checkpoint(self) -> bool:
         return self.msa_config is not None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the KV pool (and so the memories' device tier) lives."""
+        return self.kv_geometry.device if self.kv_geometry is not None else torch.device("cpu")
+
 
 def get_service() -> "MemoryService | None":
     return _service
@@ -153,8 +158,7 @@ class MemoryService:
             self.adapter = load_adapter(options.router_adapter)
             self.adapter.check_model(facts.hidden_size, facts.num_layers)
             options = options_with_adapter(options, self.adapter, facts.num_layers)
-        check_standardized_routing(options, facts.kv_geometry.device if facts.kv_geometry is not None else "cpu",
-                                   shard)
+        check_standardized_routing(options, facts.device, shard)
         self.options = options
         self.facts = facts
         self.shard = shard
@@ -186,8 +190,7 @@ class MemoryService:
         if facts.tokenizer_path is None:
             raise ExternalRouterError("external_router needs the served model's tokenizer (not with "
                                       "--skip-tokenizer-init)")
-        device = facts.kv_geometry.device if facts.kv_geometry is not None else "cpu"
-        router = ExternalRouter(options.external_router, facts.tokenizer_path, device)
+        router = ExternalRouter(options.external_router, facts.tokenizer_path, facts.device)
         logger.warning("sglang-msa: MSA memory attention with an EXTERNAL router (%s): documents are chosen by "
                        "all-MiniLM-L6-v2 text embeddings, not by MSA routing", router.identity)
         return router
@@ -312,9 +315,10 @@ class MemoryService:
         if not self.store.can_stage(params.memory_key, params.gid):
             return f"document {params.gid} was stored, removed or discarded already"
         state = IngestState(params=params, num_tokens=prompt_len)
-        if self.external_router is not None:
-            state.text_chunk_keys = self.external_router.chunk_keys(list(req.origin_input_ids),
-                                                                    self.options.chunk_size)
+        if self.external_router is not None:  # made once, stored by every routed layer
+            keys = self.external_router.chunk_keys(list(req.origin_input_ids), self.options.chunk_size)
+            kv = self.facts.kv_geometry
+            state.text_chunk_keys = keys if kv is None else keys.to(kv.device, kv.dtype)
         self.registry.put(req.rid, state)
         _bypass_prefix_cache(req)  # every token's router keys must be computed in this request
         return None
@@ -332,7 +336,8 @@ class MemoryService:
                            position_offset=self.position_offset(params.memory_key))
         if self.external_router is not None:
             ids = list(req.origin_input_ids)
-            state.text_query = self.external_router.query([token for start, end in spans for token in ids[start:end]])
+            query = self.external_router.query([token for start, end in spans for token in ids[start:end]])
+            state.text_query = query.to(self.facts.device)  # routed in every routed layer
         self.registry.put(req.rid, state)
         _bypass_prefix_cache(req)  # upper-layer KV depends on the selection: never share it
         return None
